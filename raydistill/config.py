@@ -1,0 +1,120 @@
+"""Run configuration as data: a frozen dataclass, loadable from YAML, flattenable to MLflow params.
+
+Every field is a plain value, so a config round-trips through YAML/JSON unchanged and its fingerprint decides
+whether an output directory may be resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from raydistill.errors import UserError
+
+METHODS = ("random", "dit")  # extended by the method modules (igd, mgd3, minimax and their combinations)
+BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    # data
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    image_size: int | None = None
+    classes: tuple[str, ...] | None = None  # class names or indices; None = all
+    nclass: int | None = None
+    phase: int = 0
+    # what to make
+    method: str = "dit"
+    ipc: int = 10
+    seed: int = 0
+    # generator (None: the built-in Fashion-MNIST model)
+    model: str | None = None
+    model_size: str | None = None
+    vae: str | None = None
+    sampler: str = "ddpm"
+    steps: int = 50
+    cfg_scale: float = 4.0
+    cfg_channels: int | None = None  # None: auto (3 for DiT-XL/2, all otherwise)
+    batch_size: int = 16
+    # evaluation
+    eval_preset: str = "dc"
+    eval_nets: tuple[str, ...] = ("convnet",)
+    num_evals: int = 2
+    eval_epochs: int | None = None
+    baselines: tuple[str, ...] = ("random",)
+    # output
+    out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>
+    extra: dict[str, Any] = field(default_factory=dict)  # method parameters (weights, windows, ...)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ipc, int) or self.ipc <= 0:
+            raise UserError(f"IPC must be a positive integer, got {self.ipc!r}", "pass --ipc 1 or more")
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+        for b in self.baselines:
+            if b not in METHODS:
+                raise UserError(f"unknown baseline {b!r}", f"use one of {', '.join(METHODS)}")
+        if self.steps <= 0 or self.batch_size <= 0 or self.num_evals < 0:
+            raise UserError("steps and batch size must be positive and num_evals >= 0", "fix the config values")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise UserError(f"unknown sampler {self.sampler!r}", "use ddpm or ddim")
+        if self.cfg_scale < 0:
+            raise UserError(f"cfg_scale must be >= 0, got {self.cfg_scale}", "pass --cfg-scale 1 to turn CFG off")
+
+    # -- (de)serialisation -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown config key(s): {', '.join(unknown)}", f"valid keys: {', '.join(sorted(known))}")
+        d = dict(d)
+        for k in ("classes", "eval_nets", "baselines"):
+            if isinstance(d.get(k), list):
+                d[k] = tuple(str(v) for v in d[k])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UserError(f"bad config: {e}", "check the value types") from e
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> DistillConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}", "pass an existing YAML file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} must hold a mapping of keys to values", "see jobs/configs/*.yaml")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def with_(self, **kw: Any) -> DistillConfig:
+        return replace(self, **kw)
+
+    def generation_key(self) -> dict[str, Any]:
+        """The fields that determine the generated images (evaluation settings excluded)."""
+        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size"}
+        return {k: v for k, v in self.to_dict().items() if k not in skip}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.generation_key(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """Flat string params for MLflow (``extra`` keys prefixed ``extra.``)."""
+        out = {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else str(v))
+               for k, v in self.to_dict().items() if k != "extra"}
+        out.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
+        return out

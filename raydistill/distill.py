@@ -1,0 +1,192 @@
+"""Distillation in plain torch: plan class shards, run one shard (the unit a Ray actor serves), evaluate a set.
+
+A *method* turns a shard (one class, some image indices) into images and manifest rows. ``random`` picks seeded real
+training images; ``dit`` samples the generator; guided methods add guidance terms (other modules register them in
+:data:`METHOD_TERMS`). :func:`distill_local` runs everything in-process; the Ray pipeline calls the same
+:class:`ShardRunner` from its actors, so both produce the same bytes for the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydistill.config import DistillConfig
+from raydistill.data import ClassDataset, load_dataset, resolve_classes
+from raydistill.errors import UserError
+from raydistill.outputs import DistilledSetWriter, Shard, png_bytes, save_grid
+
+# method name -> factory(cfg, runner) -> list of guidance terms; "dit" has none.
+METHOD_TERMS: dict[str, Callable] = {"dit": lambda cfg, runner: []}
+GENERATIVE = {"dit"}
+
+
+def open_dataset(cfg: DistillConfig) -> ClassDataset:
+    return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase)
+
+
+def selected_labels(cfg: DistillConfig, ds: ClassDataset) -> list[int]:
+    return resolve_classes(ds, list(cfg.classes) if cfg.classes else None)
+
+
+def plan_shards(cfg: DistillConfig, labels: list[int], shard_size: int | None = None) -> list[Shard]:
+    """Split each class's images 0..IPC-1 into shards of ``shard_size`` (None: one shard per class).
+
+    Methods with per-class sequential state (IGD's deviation memory) must keep a class in one shard; they set
+    ``shard_size=None``.
+    """
+    from raydistill.diffusion.sampler import image_seed
+
+    size = shard_size or cfg.ipc
+    shards = []
+    for c in labels:
+        for start in range(0, cfg.ipc, size):
+            idx = list(range(start, min(cfg.ipc, start + size)))
+            shards.append(Shard(f"c{c:04d}-i{start:05d}", c, idx, [image_seed(cfg.seed, c, k) for k in idx]))
+    return shards
+
+
+def random_real_indices(ds: ClassDataset, label: int, ipc: int, seed: int) -> np.ndarray:
+    """Seeded choice of ``ipc`` training images of class ``label`` (positions in the train split)."""
+    pool = ds.indices("train", label)
+    if len(pool) < ipc:
+        raise UserError(f"class {ds.class_names[label]!r} has {len(pool)} training images, fewer than IPC {ipc}",
+                        "lower --ipc")
+    rng = np.random.default_rng([int(seed), int(label)])
+    return pool[rng.choice(len(pool), size=ipc, replace=False)]
+
+
+class ShardRunner:
+    """Holds the heavy state (dataset, generator, guidance state) and turns shards into PNGs + manifest rows."""
+
+    def __init__(self, cfg: DistillConfig, device: str | torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.ds = open_dataset(cfg)
+        self.generator = None
+        self.terms: list = []
+        if cfg.method in GENERATIVE:
+            from raydistill.generator import load_generator
+
+            self.generator = load_generator(cfg, self.ds.dit_labels, self.ds.image_size, device)
+            self.terms = METHOD_TERMS[cfg.method](cfg, self)
+
+    def images(self, shard: Shard) -> tuple[torch.Tensor, list[int]]:
+        """uint8 images [B, C, H, W] of the shard and the per-image seed (or real index for ``random``)."""
+        cfg = self.cfg
+        if cfg.method == "random":
+            chosen = random_real_indices(self.ds, shard.class_label, cfg.ipc, cfg.seed)[shard.indices]
+            return self.ds.read("train", chosen), [int(i) for i in chosen]
+        out = []
+        for start in range(0, len(shard.indices), cfg.batch_size):
+            idx = shard.indices[start:start + cfg.batch_size]
+            out.append(self.generator.generate([shard.class_label] * len(idx), idx, cfg.seed, self.terms))
+        return torch.cat(out), list(shard.seeds)
+
+    def run(self, shard: Shard) -> tuple[list[dict], list[bytes]]:
+        t0 = time.time()
+        imgs, seeds = self.images(shard)
+        params = json.dumps(self.cfg.generation_key(), sort_keys=True, default=str)
+        rows, pngs = [], []
+        for k, img, sd in zip(shard.indices, imgs, seeds):
+            rows.append({"class_name": self.ds.class_names[shard.class_label], "label": shard.class_label,
+                         "dit_label": self.ds.dit_labels[shard.class_label], "index": int(k), "seed": int(sd),
+                         "method": self.cfg.method, "params": params, "shard": shard.shard_id,
+                         "seconds": (time.time() - t0) / max(1, len(shard.indices))})
+            pngs.append(png_bytes(img))
+        return rows, pngs
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    rows: list[dict]
+    seconds: float
+    images_per_s: float
+    shards_run: int
+    shards_skipped: int
+    metrics: dict = field(default_factory=dict)
+
+
+def distill_local(cfg: DistillConfig, overwrite: bool = False, device: str | None = None,
+                  progress: Callable[[str], None] | None = None, shard_size: int | None = None) -> DistillResult:
+    """Distill ``cfg`` in this process (no Ray): resumable, atomic per shard."""
+    if cfg.out is None:
+        raise UserError("no output folder given", "set out in the config or pass --out")
+    runner = ShardRunner(cfg, device)
+    labels = selected_labels(cfg, runner.ds)
+    writer = DistilledSetWriter(cfg.out, runner.ds.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)
+    shards = plan_shards(cfg, labels, shard_size)
+    t0, ran, skipped, made = time.time(), 0, 0, 0
+    for n, shard in enumerate(shards):
+        if writer.shard_done(shard.shard_id):
+            skipped += 1
+            continue
+        rows, pngs = runner.run(shard)
+        writer.commit(shard.shard_id, rows, pngs)
+        ran += 1
+        made += len(rows)
+        if progress:
+            progress(f"shard {n + 1}/{len(shards)} ({runner.ds.class_names[shard.class_label]}): "
+                     f"{made / (time.time() - t0):.2f} images/s")
+    rows = writer.finalize()
+    secs = time.time() - t0
+    write_grid(cfg.out, runner.ds)
+    return DistillResult(Path(cfg.out), rows, secs, made / secs if made else 0.0, ran, skipped)
+
+
+def write_grid(out: str | Path, ds: ClassDataset, per_class: int = 10) -> None:
+    """``<out>/grid.png``: the first ``per_class`` images of every class in the manifest, one row per class."""
+    from raydistill.outputs import read_manifest
+
+    rows = [r for r in read_manifest(out) if r["index"] < per_class]
+    x, _ = load_png_tree_files([Path(out) / r["path"] for r in rows], ds.channels)
+    save_grid(x, torch.as_tensor([r["label"] for r in rows]), Path(out) / "grid.png", per_class=per_class)
+
+
+def load_png_tree_files(files: list[Path], channels: int) -> tuple[torch.Tensor, None]:
+    from PIL import Image
+
+    arrs = []
+    for f in files:
+        with Image.open(f) as im:
+            a = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+        arrs.append(torch.from_numpy(a[None].copy() if a.ndim == 2 else a.transpose(2, 0, 1).copy()))
+    return torch.stack(arrs), None
+
+
+def load_distilled(out: str | Path, ds: ClassDataset, labels: list[int] | None = None,
+                   ipc: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PNG tree of a distilled set as uint8 images and subset labels (first ``ipc`` files per class)."""
+    from raydistill.outputs import load_png_tree
+
+    labels = list(range(ds.num_classes)) if labels is None else labels
+    names = [ds.class_names[c] for c in labels]
+    x, y_local = load_png_tree(out, names, ipc=ipc, channels=ds.channels)
+    return x, torch.as_tensor(labels)[y_local]
+
+
+def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: str, net: str, num_nets: int,
+                    seed: int = 0, epochs: int | None = None, device: str | None = None,
+                    progress: Callable[[str], None] | None = None, on_epoch=None, eval_every: int | None = None):
+    """Train ``num_nets`` fresh ``net``s on uint8 images ``x`` under ``preset``; test on the dataset's test split."""
+    from raydistill.evaluate.train import evaluate_synthetic
+
+    labels = sorted(set(y.tolist()))
+    remap = {c: i for i, c in enumerate(labels)}  # train on the selected classes only
+    tx, ty = [], []
+    for c in labels:
+        a, _ = ds.load("test", label=c)
+        tx.append(a)
+        ty.append(torch.full((len(a),), remap[c], dtype=torch.long))
+    test_x, test_y = torch.cat(tx), torch.cat(ty)
+    train_y = torch.as_tensor([remap[int(c)] for c in y.tolist()])
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_synthetic(x.float() / 255.0, train_y, test_x.float() / 255.0, test_y, preset=preset, net=net,
+                              num_nets=num_nets, seed=seed, device=dev, epochs=epochs, progress=progress,
+                              on_epoch=on_epoch, eval_every=eval_every)

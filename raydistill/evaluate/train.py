@@ -1,0 +1,567 @@
+"""Train fresh evaluation nets on a synthetic set and test them: the score of a distilled dataset.
+
+:func:`evaluate_synthetic` is the fast path: the whole (preprocessed) synthetic set lives on the device as one tensor,
+every epoch draws a permutation from a seeded ``torch.Generator`` and slices mini-batches, augmentation is batched
+(:mod:`raydistill.evaluate.augment`), and the test set is preprocessed once and scored in large batches under
+``torch.inference_mode``. :func:`evaluate_synthetic_dataloader` is the plain reference pipeline (``DataLoader`` over a
+``TensorDataset``, per-image augmentation calls as in the IDC code, DSA on each batch as in DC's ``epoch``) that runs
+the same protocol, kept for the speed benchmark.
+
+Protocols (see :mod:`raydistill.evaluate.presets`):
+
+- ``dc_step`` schedule (DC ``evaluate_synset``, benchmarks.md section 1): E+1 passes over the data; after 0-based pass
+  E//2+1 the LR is multiplied by 0.1 and the optimizer re-created (momentum reset). Test accuracy after the last pass
+  is reported.
+- ``multistep`` schedule (IDC ``train.py``, methods.md section 0.4): epochs 1..E, ``MultiStepLR`` stepped after each
+  epoch with milestones 2E//3 and 5E//6, test every max(1, E//100) epochs (and after the last), best is reported.
+
+Net i (0-based) uses seed ``seed + i`` both for its initialisation and for its data order and augmentation draws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raydistill.errors import UserError
+from raydistill.evaluate.augment import cutmix, dsa_augment, idc_augment
+from raydistill.evaluate.presets import (
+    EvalPreset,
+    dc_decay_pass,
+    get_preset,
+    multistep_milestones,
+    resolve_epochs,
+    resolve_eval_every,
+)
+from raydistill.models.evalnets import build_eval_net, convnet_depth_for_size
+
+__all__ = ["EvalResult", "evaluate_synthetic", "evaluate_synthetic_dataloader"]
+
+ProgressFn = Callable[[str], None]
+EpochFn = Callable[[int, int, float], None]
+
+_TEST_PIXEL_BUDGET = {"cpu": 1 << 20, "other": 1 << 23}  # pixels per test batch (bounded activation memory)
+
+
+@dataclass
+class EvalResult:
+    """Accuracies (percent) of ``num_nets`` freshly trained nets.
+
+    ``reported_mean``/``reported_std`` follow the preset's report rule ("last" for dc/dsa, "best" for idc/igd);
+    std is the population std (``numpy.std`` default), as the DC code prints.
+    """
+
+    preset: str
+    net: str
+    report: str
+    epochs: int
+    num_nets: int
+    seed: int
+    last_accs: list[float]
+    best_accs: list[float]
+    last_mean: float
+    last_std: float
+    best_mean: float
+    best_std: float
+    reported_mean: float
+    reported_std: float
+    seconds: float
+    net_seconds: list[float] = field(default_factory=list)
+    pipeline: str = "tensor"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# input handling
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{name} is not array-like ({type(value).__name__})", "pass a torch tensor") from exc
+
+
+def _check_inputs(
+    train_x: Any, train_y: Any, test_x: Any, test_y: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tx, ty, vx, vy = (
+        _as_tensor(train_x, "train_x"),
+        _as_tensor(train_y, "train_y"),
+        _as_tensor(test_x, "test_x"),
+        _as_tensor(test_y, "test_y"),
+    )
+    for name, x, y in (("train", tx, ty), ("test", vx, vy)):
+        if x.dim() != 4:
+            raise UserError(f"{name}_x must have shape [N, C, H, W], got {tuple(x.shape)}", "stack images into 4-D")
+        if not x.is_floating_point():
+            raise UserError(f"{name}_x must be float images in [0, 1], got dtype {x.dtype}", "convert with x / 255.0")
+        if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+            raise UserError(f"{name}_y must be 1-D integer labels, got {y.dtype} {tuple(y.shape)}", "pass int64 labels")
+        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise UserError(
+                f"{name}_x has {x.shape[0]} images but {name}_y has {y.shape[0]} labels", "pass one label per image"
+            )
+        if int(y.min()) < 0:
+            raise UserError(f"{name}_y has negative labels", "use class indices 0..K-1")
+        if float(x.max()) > 1.5 or float(x.min()) < -0.5:
+            raise UserError(f"{name}_x values are outside [0, 1]", "pass unnormalised images scaled to [0, 1]")
+    if tx.shape[1] != vx.shape[1]:
+        raise UserError(f"train has {tx.shape[1]} channels but test has {vx.shape[1]}", "use matching images")
+    return tx, ty.long(), vx, vy.long()
+
+
+def _resize(x: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """torchvision ``Resize(size) + CenterCrop(size)`` as bilinear (antialiased) interpolation, done in chunks."""
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    if h <= w:
+        nh, nw = size, int(size * w / h)
+    else:
+        nh, nw = int(size * h / w), size
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        r = F.interpolate(x[i : i + chunk], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        out.append(r[:, :, top : top + size, left : left + size])
+    return torch.cat(out)
+
+
+def _norm_stats(preset: EvalPreset, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = preset.mean, preset.std
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels:
+        raise UserError(
+            f"preset {preset.name!r} normalises {len(mean)} channels but the images have {channels}",
+            "use a preset for this kind of image or override mean/std",
+        )
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+    return m, s
+
+
+def _resolve_net_label(net: str, im_size: int) -> str:
+    key = str(net).strip().lower().replace("-", "_")
+    if key == "convnet":
+        return f"convnet{convnet_depth_for_size(im_size)}"
+    return key
+
+
+def _default_test_batch(device: torch.device, h: int, w: int) -> int:
+    budget = _TEST_PIXEL_BUDGET["cpu" if device.type == "cpu" else "other"]
+    return max(16, min(4096, budget // max(1, h * w)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the shared training loop
+
+
+def _make_optimizer(preset: EvalPreset, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if preset.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=preset.momentum, weight_decay=preset.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=preset.betas, weight_decay=preset.weight_decay)
+
+
+def _train_pass(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    preset: EvalPreset,
+    gen: torch.Generator,
+) -> None:
+    model.train()
+    for xb, yb in batches:
+        use_mix = preset.cutmix_p >= 1.0 or (
+            preset.cutmix_p > 0 and float(torch.rand(1, generator=gen, device=gen.device).item()) < preset.cutmix_p
+        )
+        if use_mix:
+            mix = cutmix(xb, yb, gen)
+            loss = mix.loss(model(mix.x))
+        else:
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def _fit(
+    model: nn.Module,
+    preset: EvalPreset,
+    epochs: int,
+    eval_every: int,
+    batches_fn: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    test_fn: Callable[[nn.Module], float],
+    gen: torch.Generator,
+    on_epoch: EpochFn | None,
+    net_index: int,
+) -> tuple[float, float]:
+    """Run one net through the preset's schedule; returns (last, best) test accuracy in percent.
+
+    Epoch numbers given to ``on_epoch`` count completed passes: 1..E+1 for ``dc_step``, 1..E for ``multistep``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    accs: list[float] = []
+
+    def evaluate(done: int) -> None:
+        acc = test_fn(model)
+        accs.append(acc)
+        if on_epoch is not None:
+            on_epoch(net_index, done, acc)
+
+    if preset.schedule == "dc_step":
+        lr = preset.lr
+        opt = _make_optimizer(preset, params, lr)
+        decay_at, passes = dc_decay_pass(epochs), epochs + 1
+        for ep in range(passes):
+            _train_pass(model, opt, batches_fn(), preset, gen)
+            if ep == decay_at:  # DC: lr *= 0.1 and a fresh optimizer (momentum reset)
+                lr *= preset.lr_decay
+                opt = _make_optimizer(preset, params, lr)
+            done = ep + 1
+            if done == passes or (eval_every > 0 and done % eval_every == 0):
+                evaluate(done)
+    else:
+        opt = _make_optimizer(preset, params, preset.lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, multistep_milestones(preset, epochs), gamma=preset.gamma)
+        for epoch in range(1, epochs + 1):
+            _train_pass(model, opt, batches_fn(), preset, gen)
+            if epoch == epochs or (eval_every > 0 and epoch % eval_every == 0):
+                evaluate(epoch)
+            sched.step()
+    return accs[-1], max(accs)
+
+
+def _test_accuracy(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
+    model.eval()
+    correct: torch.Tensor | int = 0
+    with torch.inference_mode():
+        for xb, yb in batches:
+            correct = correct + (model(xb).argmax(dim=1) == yb).sum()
+    model.train()
+    return 100.0 * float(correct) / n
+
+
+def _summarise(
+    preset: EvalPreset,
+    net_label: str,
+    epochs: int,
+    seed: int,
+    last: list[float],
+    best: list[float],
+    seconds: float,
+    net_seconds: list[float],
+    pipeline: str,
+) -> EvalResult:
+    def mean_std(v: list[float]) -> tuple[float, float]:
+        m = sum(v) / len(v)
+        return m, math.sqrt(sum((a - m) ** 2 for a in v) / len(v))
+
+    lm, ls = mean_std(last)
+    bm, bs = mean_std(best)
+    rm, rs = (lm, ls) if preset.report == "last" else (bm, bs)
+    return EvalResult(
+        preset=preset.name,
+        net=net_label,
+        report=preset.report,
+        epochs=epochs,
+        num_nets=len(last),
+        seed=seed,
+        last_accs=last,
+        best_accs=best,
+        last_mean=lm,
+        last_std=ls,
+        best_mean=bm,
+        best_std=bs,
+        reported_mean=rm,
+        reported_std=rs,
+        seconds=seconds,
+        net_seconds=net_seconds,
+        pipeline=pipeline,
+    )
+
+
+def _common_setup(
+    train_x: Any,
+    train_y: Any,
+    test_x: Any,
+    test_y: Any,
+    preset: str | EvalPreset,
+    net: str,
+    num_nets: int,
+    device: str | torch.device,
+    epochs: int | None,
+    eval_every: int | None,
+) -> dict[str, Any]:
+    p = get_preset(preset)
+    tx, ty, vx, vy = _check_inputs(train_x, train_y, test_x, test_y)
+    if not isinstance(num_nets, int) or num_nets < 1:
+        raise UserError(f"num_nets must be a positive integer, got {num_nets!r}", "pass num_nets >= 1")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"unknown device {device!r}", "use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if p.size is not None:
+        size = p.size
+    else:
+        if tuple(tx.shape[-2:]) != tuple(vx.shape[-2:]):
+            raise UserError(
+                f"train images are {tuple(tx.shape[-2:])} but test images are {tuple(vx.shape[-2:])}",
+                "resize them to one size or use a preset with a fixed size",
+            )
+        if tx.shape[-2] != tx.shape[-1]:
+            raise UserError(f"images must be square, got {tuple(tx.shape[-2:])}", "crop or resize to a square")
+        size = int(tx.shape[-1])
+    num_classes = int(max(int(ty.max()), int(vy.max()))) + 1
+    ipc = max(1, round(ty.shape[0] / max(1, int(torch.unique(ty).numel()))))
+    n_epochs = resolve_epochs(p, ipc, num_classes, epochs)
+    n_eval = resolve_eval_every(p, n_epochs, eval_every)
+    net_label = _resolve_net_label(net, size)
+    # fail early on a bad net name, before any data is moved
+    build_eval_net(net, int(tx.shape[1]), num_classes, size)
+    return {
+        "preset": p,
+        "tx": tx,
+        "ty": ty,
+        "vx": vx,
+        "vy": vy,
+        "device": dev,
+        "size": size,
+        "num_classes": num_classes,
+        "epochs": n_epochs,
+        "eval_every": n_eval,
+        "net_label": net_label,
+    }
+
+
+def _new_net(net: str, channels: int, num_classes: int, size: int, seed: int, device: torch.device) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # init on CPU from seed, caller's global RNG untouched
+        torch.manual_seed(seed)
+        model = build_eval_net(net, channels, num_classes, size)
+    return model.to(device)
+
+
+def _cudnn_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda":
+        return torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fast path
+
+
+def evaluate_synthetic(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    preset: str | EvalPreset = "dc",
+    net: str = "convnet",
+    num_nets: int = 5,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    epochs: int | None = None,
+    progress: ProgressFn | None = None,
+    on_epoch: EpochFn | None = None,
+    eval_every: int | None = None,
+    test_batch_size: int | None = None,
+) -> EvalResult:
+    """Score a synthetic set: train ``num_nets`` fresh nets on it under ``preset`` and test on the real test set.
+
+    Args:
+        train_x: synthetic images, float in [0, 1], [N, C, H, W].
+        train_y: int64 labels [N].
+        test_x: real test images, float in [0, 1], [M, C, H', W'].
+        test_y: int64 labels [M].
+        preset: "dc", "dsa", "idc", "igd" or an :class:`EvalPreset` (e.g. ``dataclasses.replace``'d).
+        net: evaluation net name for :func:`raydistill.models.evalnets.build_eval_net` ("convnet" picks the depth
+            from the image size: ConvNet-3 for Fashion-MNIST, ConvNet-6 at 224/256 px).
+        num_nets: number of nets; net i uses seed ``seed + i`` for init, data order and augmentation.
+        seed: base seed.
+        device: torch device for training and testing.
+        epochs: override E (quick runs); default = the preset's E, or IDC's ``ipc_epoch`` for idc/igd.
+        progress: called with one line per finished net, e.g. "net 2/5 convnet3: 73.4% (142 s)".
+        on_epoch: ``on_epoch(net_index, epoch, test_acc)`` whenever test accuracy is computed (every
+            ``eval_every`` epochs and after the last); an exception raised there aborts the evaluation (early stop).
+        eval_every: test interval in epochs; default = the preset's (dc/dsa: only at the end; idc/igd: E // 100).
+        test_batch_size: test mini-batch; default from a pixel budget (large batches).
+
+    Images are resized once to the preset's size when it sets one (bilinear, antialiased Resize + CenterCrop) and
+    normalised with the preset's mean/std (dc/dsa before augmentation, idc/igd after it).
+
+    Raises:
+        UserError: bad shapes/dtypes/values, unknown preset or net, bad device.
+    """
+    t0 = time.perf_counter()
+    cfg = _common_setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every)
+    p: EvalPreset = cfg["preset"]
+    dev: torch.device = cfg["device"]
+    size: int = cfg["size"]
+    channels = int(cfg["tx"].shape[1])
+    mean, std = _norm_stats(p, channels, dev)
+
+    x = _resize(cfg["tx"].to(dev, torch.float32), size)
+    if p.augment != "idc":
+        x = (x - mean) / std
+    y = cfg["ty"].to(dev)
+    vx = torch.cat([(_resize(c.to(dev, torch.float32), size) - mean) / std for c in cfg["vx"].split(1024)])
+    vy = cfg["vy"].to(dev)
+    tbs = test_batch_size or _default_test_batch(dev, size, size)
+    n, bs = x.shape[0], p.batch_size
+
+    last, best, net_seconds = [], [], []
+    with _cudnn_context(dev):
+        for i in range(num_nets):
+            t_net = time.perf_counter()
+            s = seed + i
+            model = _new_net(net, channels, cfg["num_classes"], size, s, dev)
+            gen = torch.Generator(device=dev).manual_seed(s)
+
+            def batches(gen: torch.Generator = gen) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                perm = torch.randperm(n, generator=gen, device=gen.device).to(dev)
+                for start in range(0, n, bs):
+                    idx = perm[start : start + bs]
+                    xb, yb = x[idx], y[idx]
+                    if p.augment == "dsa":
+                        xb = dsa_augment(xb, gen, p.dsa_strategy)
+                    elif p.augment == "idc":
+                        xb = (idc_augment(xb, gen, p.rrc_scale, p.jitter, p.lighting_std) - mean) / std
+                    yield xb, yb
+
+            def test_fn(m: nn.Module) -> float:
+                return _test_accuracy(
+                    m, ((vx[j : j + tbs], vy[j : j + tbs]) for j in range(0, vx.shape[0], tbs)), vx.shape[0]
+                )
+
+            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i)
+            last.append(la)
+            best.append(be)
+            net_seconds.append(time.perf_counter() - t_net)
+            if progress is not None:
+                shown = la if p.report == "last" else be
+                progress(f"net {i + 1}/{num_nets} {cfg['net_label']}: {shown:.1f}% ({net_seconds[-1]:.0f} s)")
+    return _summarise(
+        p, cfg["net_label"], cfg["epochs"], seed, last, best, time.perf_counter() - t0, net_seconds, "tensor"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reference pipeline (DataLoader, per-image augmentation)
+
+
+class _PerImageDataset(torch.utils.data.Dataset):
+    """TensorDataset whose ``__getitem__`` augments one image at a time (IDC's ImageFolder + transform style)."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        preset: EvalPreset,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        gen: torch.Generator,
+    ) -> None:
+        self.x, self.y, self.preset, self.mean, self.std, self.gen = x, y, preset, mean, std, gen
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.x[i : i + 1]
+        if self.preset.augment == "idc":
+            p = self.preset
+            img = (idc_augment(img, self.gen, p.rrc_scale, p.jitter, p.lighting_std) - self.mean) / self.std
+        return img[0], self.y[i]
+
+
+def evaluate_synthetic_dataloader(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    preset: str | EvalPreset = "dc",
+    net: str = "convnet",
+    num_nets: int = 5,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    epochs: int | None = None,
+    progress: ProgressFn | None = None,
+    on_epoch: EpochFn | None = None,
+    eval_every: int | None = None,
+    test_batch_size: int = 256,
+) -> EvalResult:
+    """Reference pipeline with the same protocol as :func:`evaluate_synthetic`, structured like the original code.
+
+    Data stay on the CPU in a ``TensorDataset``-like dataset; a shuffling ``DataLoader`` (``num_workers=0``) yields
+    batches that are moved to the device per step. idc/igd augmentation runs per image inside ``__getitem__`` (as
+    IDC's transforms do), DSA runs on each batch on the device (as DC's ``epoch`` does), and the test set is iterated
+    by a ``DataLoader`` with batch 256 (DC's test loader). Random streams differ from the fast path, so accuracies
+    agree statistically, not bit for bit. Arguments are those of :func:`evaluate_synthetic`.
+    """
+    t0 = time.perf_counter()
+    cfg = _common_setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every)
+    p: EvalPreset = cfg["preset"]
+    dev: torch.device = cfg["device"]
+    size: int = cfg["size"]
+    channels = int(cfg["tx"].shape[1])
+    cpu = torch.device("cpu")
+    mean_c, std_c = _norm_stats(p, channels, cpu)
+    x = _resize(cfg["tx"].to(cpu, torch.float32), size)
+    if p.augment != "idc":
+        x = (x - mean_c) / std_c
+    y = cfg["ty"].to(cpu)
+    vx = (_resize(cfg["vx"].to(cpu, torch.float32), size) - mean_c) / std_c
+    test_ds = torch.utils.data.TensorDataset(vx, cfg["vy"].to(cpu))
+
+    last, best, net_seconds = [], [], []
+    with _cudnn_context(dev):
+        for i in range(num_nets):
+            t_net = time.perf_counter()
+            s = seed + i
+            model = _new_net(net, channels, cfg["num_classes"], size, s, dev)
+            gen = torch.Generator(device=dev).manual_seed(s)
+            cpu_gen = torch.Generator().manual_seed(s)
+            ds = _PerImageDataset(x, y, p, mean_c, std_c, cpu_gen)
+            loader = torch.utils.data.DataLoader(
+                ds, batch_size=p.batch_size, shuffle=True, num_workers=0, generator=cpu_gen
+            )
+
+            def batches(
+                loader: torch.utils.data.DataLoader = loader, gen: torch.Generator = gen
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                for xb, yb in loader:
+                    xb, yb = xb.to(dev), yb.to(dev)
+                    if p.augment == "dsa":
+                        xb = dsa_augment(xb, gen, p.dsa_strategy)
+                    yield xb, yb
+
+            def test_fn(m: nn.Module) -> float:
+                tl = torch.utils.data.DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, num_workers=0)
+                return _test_accuracy(m, ((a.to(dev), b.to(dev)) for a, b in tl), len(test_ds))
+
+            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i)
+            last.append(la)
+            best.append(be)
+            net_seconds.append(time.perf_counter() - t_net)
+            if progress is not None:
+                shown = la if p.report == "last" else be
+                progress(f"net {i + 1}/{num_nets} {cfg['net_label']}: {shown:.1f}% ({net_seconds[-1]:.0f} s)")
+    return _summarise(
+        p, cfg["net_label"], cfg["epochs"], seed, last, best, time.perf_counter() - t0, net_seconds, "dataloader"
+    )

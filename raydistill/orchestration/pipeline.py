@@ -1,0 +1,90 @@
+"""Ray Data pipeline: class/noise shards stream through an actor pool of samplers; the driver commits each shard.
+
+``ShardSampler`` is Ray's batch-inference pattern: it loads the DiT, VAE and guidance state once in ``__init__``
+(on its GPU when it has one) and is mapped over batches of shards. Each output row is one image (PNG bytes plus its
+manifest row); the driver groups rows by shard and commits a shard atomically when all its images have arrived, so
+outputs need no shared filesystem and a killed job resumes at the first uncommitted shard.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+
+from raydistill.config import DistillConfig
+from raydistill.distill import DistillResult, plan_shards, selected_labels, write_grid
+from raydistill.outputs import DistilledSetWriter, Shard
+
+
+class ShardSampler:
+    """Actor: holds a :class:`raydistill.distill.ShardRunner`; maps a batch of shards to one row per image."""
+
+    def __init__(self, cfg: dict, threads: int | None = None) -> None:
+        import torch
+
+        from raydistill.distill import ShardRunner
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.runner = ShardRunner(DistillConfig.from_dict(cfg))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"shard_id": [], "row": [], "png": []}
+        for i in range(len(batch["shard_id"])):
+            shard = Shard(str(batch["shard_id"][i]), int(batch["class_label"][i]),
+                          [int(v) for v in batch["indices"][i]], [int(v) for v in batch["seeds"][i]])
+            rows, pngs = self.runner.run(shard)
+            for row, png in zip(rows, pngs):
+                out["shard_id"].append(shard.shard_id)
+                out["row"].append(json.dumps(row))
+                out["png"].append(png)
+        return {"shard_id": np.array(out["shard_id"], dtype=object), "row": np.array(out["row"], dtype=object),
+                "png": np.array(out["png"], dtype=object)}
+
+
+def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None = None, gpus_per_actor: float = 0.0,
+                cpus_per_actor: float = 0.5, threads_per_actor: int | None = None, overwrite: bool = False,
+                progress: Callable[[str], None] | None = None) -> DistillResult:
+    """Distill ``cfg`` on the current Ray cluster (call inside :func:`raydistill.orchestration.runtime.ray_session`).
+
+    ``shard_size`` images of one class form a shard (None: a whole class, as methods with per-class memory need).
+    """
+    import ray
+
+    from raydistill.distill import open_dataset
+
+    ds_meta = open_dataset(cfg)
+    labels = selected_labels(cfg, ds_meta)
+    writer = DistilledSetWriter(cfg.out, ds_meta.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)
+    shards = plan_shards(cfg, labels, shard_size)
+    todo = [s for s in shards if not writer.shard_done(s.shard_id)]
+    t0, made, committed = time.time(), 0, len(shards) - len(todo)
+    if todo:
+        items = [{**asdict(s), "indices": np.array(s.indices), "seeds": np.array(s.seeds, dtype=np.int64)}
+                 for s in todo]
+        data = ray.data.from_items(items, override_num_blocks=len(items))
+        threads = threads_per_actor or max(1, int(round(cpus_per_actor)))
+        mapped = data.map_batches(ShardSampler, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads},
+                                  compute=ray.data.ActorPoolStrategy(size=pool_size), batch_size=1,
+                                  num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
+        expected = {s.shard_id: len(s.indices) for s in todo}
+        pending: dict[str, list[tuple[dict, bytes]]] = {}
+        for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+            for sid, row, png in zip(batch["shard_id"], batch["row"], batch["png"]):
+                pending.setdefault(str(sid), []).append((json.loads(row), bytes(png)))
+                if len(pending[str(sid)]) == expected[str(sid)]:
+                    got = sorted(pending.pop(str(sid)), key=lambda rp: rp[0]["index"])
+                    writer.commit(str(sid), [r for r, _ in got], [p for _, p in got])
+                    made += len(got)
+                    committed += 1
+                    if progress:
+                        progress(f"shard {committed}/{len(shards)} committed: "
+                                 f"{made / (time.time() - t0):.2f} images/s")
+    rows = writer.finalize()
+    secs = time.time() - t0
+    write_grid(cfg.out, ds_meta)
+    return DistillResult(writer.out, rows, secs, made / secs if made else 0.0, len(todo), len(shards) - len(todo))

@@ -1,0 +1,224 @@
+"""The distilled set on disk: ``<out>/<class_name>/<k>.png`` plus ``manifest.parquet``, ``grid.png``, ``metrics.json``.
+
+The PNG tree is the layout the official evaluation scripts read. Writing is shard by shard and atomic: a shard's
+PNGs are written under ``<out>/.staging/<shard>/`` and renamed into place, then its manifest rows are committed by
+renaming ``<out>/.shards/<shard>.parquet`` into place. A shard whose parquet exists is done and is never redone;
+the final ``manifest.parquet`` is the union of the shard files, itself written to a temporary file and renamed.
+``<out>/run.json`` records the generation settings' fingerprint, so a rerun resumes only the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydistill.data.base import safe_class_name
+from raydistill.errors import UserError
+
+MANIFEST = "manifest.parquet"
+SHARDS_DIR = ".shards"
+STAGING_DIR = ".staging"
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8, as ``torchvision.utils.save_image(normalize=True, value_range=(-1, 1))``."""
+    x = images.detach().float().clamp(-1.0, 1.0).add(1.0).div(2.0)
+    return x.mul(255.0).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def png_bytes(img: torch.Tensor) -> bytes:
+    """uint8 [C, H, W] -> PNG bytes (grey for C == 1, RGB for C == 3)."""
+    from PIL import Image
+
+    arr = img.numpy()
+    pil = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0), "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode())
+
+
+@dataclass
+class Shard:
+    """Images of one class; ``indices`` are the image numbers k, ``seeds`` their per-image seeds."""
+
+    shard_id: str
+    class_label: int
+    indices: list[int]
+    seeds: list[int]
+
+
+class DistilledSetWriter:
+    """Writes a distilled set shard by shard into ``out`` (see the module docstring)."""
+
+    def __init__(self, out: str | Path, class_names: Sequence[str], fingerprint: str, settings: dict,
+                 overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.class_names = [safe_class_name(c) for c in class_names]
+        self.fingerprint = fingerprint
+        run_file = self.out / "run.json"
+        if run_file.exists():
+            try:
+                old = json.loads(run_file.read_text()).get("fingerprint")
+            except json.JSONDecodeError as e:
+                raise UserError(f"{run_file} is corrupt", "delete the output directory or pass --overwrite") from e
+            if old != fingerprint:
+                if not overwrite:
+                    raise UserError(f"{self.out} holds a distilled set made with other settings",
+                                    "choose another --out, or pass --overwrite to replace it")
+                self._clear()
+        elif self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            if not (self.out / SHARDS_DIR).exists():
+                raise UserError(f"{self.out} exists and is not a raydistill output directory",
+                                "choose another --out or pass --overwrite")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / SHARDS_DIR).mkdir(exist_ok=True)
+        atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1,
+                                               default=str))
+
+    def _clear(self) -> None:
+        for child in self.out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def shard_done(self, shard_id: str) -> bool:
+        return (self.out / SHARDS_DIR / f"{shard_id}.parquet").exists()
+
+    def commit(self, shard_id: str, rows: list[dict], pngs: list[bytes]) -> None:
+        """Write one shard's PNGs and manifest rows atomically (rows carry ``class_name`` and ``index``)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        stage = self.out / STAGING_DIR / shard_id
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        for row, data in zip(rows, pngs):
+            row["path"] = f"{safe_class_name(row['class_name'])}/{int(row['index'])}.png"
+            row["sha256"] = sha256(data)
+            (stage / f"{row['class_name']}__{row['index']}.png").write_bytes(data)
+        for row in rows:
+            dest = self.out / row["path"]
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(stage / f"{row['class_name']}__{row['index']}.png", dest)
+        shutil.rmtree(stage, ignore_errors=True)
+        tmp = self.out / SHARDS_DIR / f".{shard_id}.parquet.tmp"
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, self.out / SHARDS_DIR / f"{shard_id}.parquet")
+
+    def finalize(self) -> list[dict]:
+        """Merge the shard manifests into ``manifest.parquet`` (sorted by label, index); returns the rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows: list[dict] = []
+        for f in sorted((self.out / SHARDS_DIR).glob("*.parquet")):
+            rows.extend(pq.read_table(f).to_pylist())
+        rows.sort(key=lambda r: (r["label"], r["index"]))
+        tmp = self.out / f".{MANIFEST}.tmp"
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, self.out / MANIFEST)
+        shutil.rmtree(self.out / STAGING_DIR, ignore_errors=True)
+        return rows
+
+
+def read_manifest(out: str | Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    p = Path(out) / MANIFEST
+    if not p.exists():
+        raise UserError(f"no {MANIFEST} in {out}", "run raydistill distill first, or evaluate the PNG tree directly")
+    return pq.read_table(p).to_pylist()
+
+
+def verify_set(out: str | Path) -> list[str]:
+    """Problems found when checking every PNG against its manifest sha256 (empty list: the set is intact)."""
+    out = Path(out)
+    problems = []
+    for row in read_manifest(out):
+        f = out / row["path"]
+        if not f.exists():
+            problems.append(f"missing {row['path']}")
+        elif sha256(f.read_bytes()) != row["sha256"]:
+            problems.append(f"checksum mismatch {row['path']}")
+    return problems
+
+
+def load_png_tree(root: str | Path, class_names: Sequence[str], ipc: int | None = None,
+                  channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``root/<class>/*.png`` into uint8 [N, C, H, W] and labels; with ``ipc``, the first ``ipc`` files per class
+    in lexicographic order (the official ``train.py`` rule: 0.png, 1.png, 10.png, ...)."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"distilled set not found: {root}", "pass the folder that holds <class>/<k>.png")
+    imgs, labels = [], []
+    for label, name in enumerate(class_names):
+        d = root / safe_class_name(name)
+        files = sorted(p for p in d.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")) if d.is_dir() else []
+        if not files:
+            raise UserError(f"class {name!r} has no images in {root}", "check the dataset/subset matches the set")
+        if ipc is not None:
+            if len(files) < ipc:
+                raise UserError(f"class {name!r} has {len(files)} images in {root}, fewer than IPC {ipc}",
+                                "lower --ipc")
+            files = files[:ipc]
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L" if channels == 1 else "RGB")
+                    arr = np.asarray(im)
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"corrupt image {f}", "delete or regenerate it") from e
+            imgs.append(torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
+            labels.append(label)
+    shapes = {tuple(i.shape) for i in imgs}
+    if len(shapes) > 1:
+        raise UserError(f"images in {root} have different shapes {sorted(shapes)[:3]}", "resize them to one size")
+    return torch.stack(imgs), torch.tensor(labels, dtype=torch.long)
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, per_class: int = 10) -> None:
+    """A sample sheet: one row per class, up to ``per_class`` images each (uint8 [N, C, H, W])."""
+    from PIL import Image
+
+    rows = []
+    for c in labels.unique(sorted=True).tolist():
+        sel = images[labels == c][:per_class]
+        pad = per_class - len(sel)
+        if pad:
+            sel = torch.cat([sel, torch.zeros(pad, *sel.shape[1:], dtype=sel.dtype)])
+        rows.append(torch.cat(list(sel), dim=2))  # [C, H, per_class*W]
+    grid = torch.cat(rows, dim=1).numpy()
+    img = Image.fromarray(grid[0], "L") if grid.shape[0] == 1 else Image.fromarray(grid.transpose(1, 2, 0), "RGB")
+    if img.width < 400:
+        img = img.resize((img.width * 2, img.height * 2), Image.NEAREST)
+    _atomic_write_bytes(Path(path), _pil_png(img))
+
+
+def _pil_png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

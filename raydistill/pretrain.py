@@ -1,0 +1,285 @@
+"""Pretraining of the built-in Fashion-MNIST models: a small AutoencoderKL, then a small latent DiT.
+
+Stages (each resumable from ``<work>/state.pt``, written atomically every ``ckpt_every`` steps):
+1. ``vae``: L1 + MSE reconstruction + ``kl_weight`` KL on 32x32 padded images; then the latent scale factor is
+   set to ``1 / std`` of the posterior-mean latents (the role 0.18215 plays for the SD VAE).
+2. ``dit``: DiT loss (MSE on eps + VB, learned sigma; :func:`training_losses`) on latents sampled from the cached
+   posteriors, label dropout 0.1 (CFG), AdamW, EMA; the EMA weights are shipped.
+3. ``classifier``: a ConvNet-3 trained on the real training set, shipped to measure class consistency.
+Outputs go to ``<out>/{vae,dit}`` (diffusers layout, safetensors), ``<out>/classifier.safetensors`` and
+``<out>/pretrain.json`` (config, command, log, timings).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raydistill.diffusion.gaussian import q_sample, training_losses
+from raydistill.diffusion.schedule import Schedule
+from raydistill.models.dit import DiTConfig, build_dit
+from raydistill.models.vae import build_small_vae
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    vae_steps: int = 2000
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    dit_size: str = "fmnist"
+    dit_steps: int = 9000
+    dit_batch: int = 128
+    dit_lr: float = 3e-4
+    dit_warmup: int = 500
+    ema_decay: float = 0.999
+    clf_epochs: int = 2
+    seed: int = 0
+    ckpt_every: int = 250
+    log_every: int = 100
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _pad32(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,1,28,28] -> float [-1, 1] padded to 32x32 with the background value."""
+    return F.pad(x.float() / 127.5 - 1.0, (2, 2, 2, 2), value=-1.0)
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig, work: Path, out: Path, device: str = "cpu", log=print) -> None:
+        from raydistill.data import load_dataset
+
+        self.cfg, self.work, self.out, self.device, self._log = cfg, work, out, torch.device(device), log
+        work.mkdir(parents=True, exist_ok=True)
+        self.ds = load_dataset(cfg.dataset, cfg.data_root)
+        self.x, self.y = self.ds.load("train")
+        self.state_path = work / "state.pt"
+        self.state: dict = torch.load(self.state_path, weights_only=True) if self.state_path.exists() else {}
+        self.lines: list[str] = list(self.state.get("log", []))
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        self.lines.append(line)
+        self._log(line)
+
+    def save(self, **kw) -> None:
+        self.state.update(kw, log=self.lines)
+        _atomic_save(self.state, self.state_path)
+
+    # ---- stage 1: VAE --------------------------------------------------------------------------------------------
+    def train_vae(self):
+        cfg, dev = self.cfg, self.device
+        vae = build_small_vae(channels=self.ds.channels).to(dev).train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        step = 0
+        if "vae" in self.state:
+            vae.load_state_dict(self.state["vae"])
+            opt.load_state_dict(self.state["vae_opt"])
+            step = int(self.state["vae_step"])
+            self.log(f"vae: resumed at step {step}")
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + step)
+        t0 = time.time()
+        while step < cfg.vae_steps:
+            lr = cfg.vae_lr * 0.5 * (1 + torch.cos(torch.tensor(step / cfg.vae_steps * torch.pi)).item())
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(0, len(self.x), (cfg.vae_batch,), generator=g)
+            x = _pad32(self.x[idx]).to(dev)
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=None)).sample
+            l1, mse = (rec - x).abs().mean(), ((rec - x) ** 2).mean()
+            kl = post.kl().mean() / x[0].numel()
+            loss = l1 + mse + cfg.kl_weight * kl * x[0].numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % cfg.log_every == 0:
+                self.log(f"vae step {step}/{cfg.vae_steps} l1 {l1.item():.4f} mse {mse.item():.5f} "
+                         f"kl {kl.item():.3f} ({(time.time() - t0) / cfg.log_every:.3f} s/step)")
+                t0 = time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
+                self.save(vae=vae.state_dict(), vae_opt=opt.state_dict(), vae_step=step)
+        return vae.eval()
+
+    @torch.no_grad()
+    def encode_all(self, vae) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Posterior means and stds of the whole training set, and the latent scale 1/std."""
+        if "lat_mean" in self.state:
+            return self.state["lat_mean"], self.state["lat_std"], float(self.state["scale"])
+        means, stds = [], []
+        for i in range(0, len(self.x), 500):
+            d = vae.encode(_pad32(self.x[i:i + 500]).to(self.device)).latent_dist
+            means.append(d.mean.cpu())
+            stds.append(d.std.cpu())
+        mean, std = torch.cat(means), torch.cat(stds)
+        scale = float(1.0 / mean.std())
+        self.log(f"latents: {tuple(mean.shape)}, posterior-mean std {mean.std():.4f} -> scale {scale:.5f}")
+        self.save(lat_mean=mean, lat_std=std, scale=torch.tensor(scale))
+        return mean, std, scale
+
+    # ---- stage 2: DiT --------------------------------------------------------------------------------------------
+    def train_dit(self, lat_mean: torch.Tensor, lat_std: torch.Tensor, scale: float):
+        cfg, dev = self.cfg, self.device
+        dcfg = DiTConfig(size=cfg.dit_size, input_size=lat_mean.shape[-1], in_channels=lat_mean.shape[1],
+                         num_classes=self.ds.num_classes)
+        torch.manual_seed(cfg.seed)
+        model = build_dit(dcfg).to(dev).train()
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
+        sched = Schedule.linear(1000, respace=None)
+        step = 0
+        if "dit" in self.state:
+            model.load_state_dict(self.state["dit"])
+            ema.load_state_dict(self.state["dit_ema"])
+            opt.load_state_dict(self.state["dit_opt"])
+            step = int(self.state["dit_step"])
+            torch.set_rng_state(self.state["dit_rng"])
+            self.log(f"dit: resumed at step {step}")
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"dit: {cfg.dit_size}, {n_params / 1e6:.2f} M params, latents {tuple(lat_mean.shape[1:])}")
+        t0, run = time.time(), 0.0
+        while step < cfg.dit_steps:
+            for group in opt.param_groups:
+                group["lr"] = cfg.dit_lr * min(1.0, (step + 1) / cfg.dit_warmup)
+            idx = torch.randint(0, len(lat_mean), (cfg.dit_batch,))
+            z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])).to(dev) * scale
+            y = self.y[idx].to(dev)
+            t = torch.randint(0, 1000, (cfg.dit_batch,))
+            noise = torch.randn_like(z0)
+            zt = q_sample(sched, z0, t, noise)
+            out = model(zt, timestep=t.to(dev), class_labels=y).sample
+            loss = training_losses(sched, out, z0, zt, t, noise)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1.0 - cfg.ema_decay)
+            step += 1
+            run = 0.98 * run + 0.02 * loss.item() if run else loss.item()
+            if step % cfg.log_every == 0:
+                self.log(f"dit step {step}/{cfg.dit_steps} loss {run:.4f} "
+                         f"({(time.time() - t0) / cfg.log_every:.3f} s/step)")
+                t0 = time.time()
+            if step % cfg.ckpt_every == 0 or step == cfg.dit_steps:
+                self.save(dit=model.state_dict(), dit_ema=ema.state_dict(), dit_opt=opt.state_dict(),
+                          dit_step=step, dit_rng=torch.get_rng_state())
+        return ema
+
+    # ---- stage 3: classifier for the class-consistency check ----------------------------------------------------
+    def train_classifier(self):
+        from raydistill.models.evalnets import build_eval_net
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        net = build_eval_net("convnet3", self.ds.channels, self.ds.num_classes, self.ds.image_size).to(self.device)
+        if "clf" in self.state:
+            net.load_state_dict(self.state["clf"])
+            return net.eval()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        x = self.x.float() / 255.0
+        for epoch in range(cfg.clf_epochs):
+            perm = torch.randperm(len(x))
+            t0 = time.time()
+            for i in range(0, len(x), 256):
+                b = perm[i:i + 256]
+                loss = F.cross_entropy(net(normalize_fmnist(x[b].to(self.device))), self.y[b].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            acc = classifier_accuracy(net, *self.ds.load("test"))
+            self.log(f"classifier epoch {epoch + 1}/{cfg.clf_epochs}: test accuracy {acc:.2f}% "
+                     f"({time.time() - t0:.0f} s)")
+        self.save(clf=net.state_dict())
+        return net.eval()
+
+    def run(self, command: str) -> None:
+        t_start = time.time()
+        self.log(f"pretrain: {json.dumps(asdict(self.cfg))}")
+        vae = self.train_vae()
+        mean, std, scale = self.encode_all(vae)
+        ema = self.train_dit(mean, std, scale)
+        clf = self.train_classifier()
+        self.export(vae, ema, clf, scale, command, time.time() - t_start)
+
+    def export(self, vae, dit, clf, scale: float, command: str, seconds: float) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        vae.register_to_config(scaling_factor=scale)
+        vae.to(torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
+        dit.to(torch.float16).save_pretrained(tmp / "dit", safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp / "classifier.safetensors")
+        info = {"config": asdict(self.cfg), "command": command, "device": str(self.device),
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "seconds_this_session": round(seconds, 1), "latent_scale": scale, "log": self.lines}
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            os.replace(self.out, old)
+            os.replace(tmp, self.out)
+            import shutil
+
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, self.out)
+        self.log(f"exported to {self.out}")
+
+
+FMNIST_MEAN, FMNIST_STD = 0.2861, 0.3530
+
+
+def normalize_fmnist(x01: torch.Tensor) -> torch.Tensor:
+    return (x01 - FMNIST_MEAN) / FMNIST_STD
+
+
+@torch.no_grad()
+def classifier_accuracy(net, x_uint8: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    """Percent of ``x`` (uint8 or [0,1] float) that ``net`` labels as ``y``."""
+    net.eval()
+    correct = 0
+    dev = next(net.parameters()).device
+    for i in range(0, len(x_uint8), batch):
+        xb = x_uint8[i:i + batch]
+        xb = xb.float() / 255.0 if xb.dtype == torch.uint8 else xb.float()
+        correct += (net(normalize_fmnist(xb.to(dev))).argmax(1).cpu() == y[i:i + batch]).sum().item()
+    return 100.0 * correct / len(x_uint8)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="raydistill pretrain", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "assets" / "fmnist"))
+    ap.add_argument("--work", default="work_pretrain", help="resumable state lives here")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for name, f in PretrainConfig.__dataclass_fields__.items():
+        if name in ("dataset", "data_root"):
+            continue
+        ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
+    a = ap.parse_args(argv)
+    cfg = PretrainConfig(**{k: getattr(a, k) for k in PretrainConfig.__dataclass_fields__ if hasattr(a, k)})
+    Pretrainer(cfg, Path(a.work), Path(a.out), device=a.device,
+               log=lambda s: print(s, flush=True)).run(" ".join(["raydistill", "pretrain", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()

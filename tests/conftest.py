@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random models saved in diffusers layout, temporary output roots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").exists(),
+                                  reason="Debian package dataset-fashion-mnist is not installed")
+
+
+def make_tiny_model(root: Path, num_classes: int = 10, channels: int = 1, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random DiT (size "test", 8x8x4 latents) and a tiny AutoencoderKL (32 px, x4) saved under ``root``."""
+    from raydistill.models.dit import DiTConfig, build_dit
+    from raydistill.models.vae import build_small_vae
+
+    torch.manual_seed(seed)
+    dit = build_dit(DiTConfig(size="test", input_size=8, in_channels=4, num_classes=num_classes))
+    with torch.no_grad():  # diffusers zero-initialises the adaLN/out layers: randomise so outputs depend on inputs
+        for p in dit.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    vae = build_small_vae(channels=channels, block_out=(8, 8, 8), scaling_factor=1.0)
+    dit.save_pretrained(root / "dit")
+    vae.save_pretrained(root / "vae")
+    return root / "dit", root / "vae"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
