@@ -12,6 +12,13 @@ import time
 from raydistill.errors import UserError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a UserError (one line, exit 2) instead of usage text + SystemExit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}", f"see `{self.prog} --help`")
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -66,12 +73,67 @@ def _config(a: argparse.Namespace, **extra):
     return DistillConfig.from_dict(over)
 
 
+def _check_eval(cfg, ds) -> None:
+    """Fail now, not after sampling, on an unknown evaluation preset or net."""
+    from raydistill.evaluate.presets import get_preset
+    from raydistill.models.evalnets import build_eval_net
+
+    preset = get_preset(cfg.eval_preset)
+    for net in cfg.eval_nets:
+        build_eval_net(net, ds.channels, ds.num_classes, preset.size or ds.image_size)
+
+
+def _check_model(cfg) -> None:
+    """Fail now, not in a Ray actor, on missing model files or a DiT .pt that does not fit --model-size."""
+    from raydistill.generator import resolve_model_paths
+    from raydistill.models.dit import DIT_SIZES, DiTConfig
+
+    dit, vae = resolve_model_paths(cfg)
+    if cfg.model_size is not None and cfg.model_size not in DIT_SIZES:
+        raise UserError(f"unknown DiT size {cfg.model_size!r}", f"use one of {', '.join(DIT_SIZES)}")
+    if not dit.exists():
+        raise UserError(f"DiT checkpoint not found: {dit}", "pass --model a diffusers directory or a DiT .pt file")
+    if dit.is_dir() and not (dit / "config.json").exists():
+        raise UserError(f"{dit} is not a diffusers model directory (no config.json)",
+                        "point --model at the folder that holds config.json and the safetensors weights")
+    if not (vae / "config.json").exists():
+        raise UserError(f"VAE not found at {vae} (no config.json)", "pass --vae a local diffusers AutoencoderKL folder")
+    if dit.is_file():  # an original .pt: check the shapes --model-size fixes (class count, input size: at load)
+        from raydistill.models.dit_convert import _check, _infer, _read
+
+        sd = {k: v for k, v in _read(dit).items() if "gamma" not in k}
+        if "x_embedder.proj.weight" in sd and sd["x_embedder.proj.weight"].ndim == 4:
+            inf = _infer(sd)
+            size = DiTConfig(size=cfg.model_size or "XL/2", in_channels=inf["in_channels"],
+                             num_classes=inf.get("num_classes", 1000), input_size=inf.get("input_size", 32),
+                             learn_sigma=inf.get("learn_sigma", True))
+        else:
+            size = DiTConfig(size=cfg.model_size or "XL/2")
+        _check(sd, size, dit)
+
+
+def _preflight(cfg, root: str, overwrite: bool) -> None:
+    """Everything a distill run can check before Ray starts: the dataset and classes, the evaluation settings, the
+    model files, and that every output folder may take its set. Reads only."""
+    from raydistill.distill import GENERATIVE, open_dataset, selected_labels
+    from raydistill.orchestration.distill_job import set_configs
+    from raydistill.outputs import check_output_dir
+
+    ds = open_dataset(cfg)
+    selected_labels(cfg, ds)
+    _check_eval(cfg, ds)
+    sets = set_configs(cfg, root)  # the same folders as run_main_job
+    if any(m in GENERATIVE for m in sets):
+        _check_model(cfg)
+    for c in sets.values():
+        check_output_dir(c.out, c.fingerprint(), overwrite)
+
+
 def cmd_distill(a: argparse.Namespace) -> int:
     from raydistill.orchestration.distill_job import format_table, run_main_job
 
     cfg = _config(a)
-    if a.baselines is None and a.config is None:
-        pass  # default baselines from the config: random real
+    _preflight(cfg, a.root, a.overwrite)
     reports = run_main_job(cfg, root=a.root, address=a.address, pool_size=a.pool_size, shard_size=a.shard_size,
                            gpus_per_actor=a.gpus_per_actor, tracking_uri=a.tracking_uri, overwrite=a.overwrite,
                            log=_log)
@@ -82,12 +144,14 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from raydistill.config import DistillConfig
-    from raydistill.distill import evaluate_images, load_distilled, open_dataset
+    from raydistill.distill import evaluate_images, load_distilled, open_dataset, selected_labels
 
     cfg = _config(a, method="random")
     ds = open_dataset(cfg)
-    x, y = load_distilled(a.dir, ds, ipc=cfg.ipc if a.ipc is not None else None)
-    print(f"{a.dir}: {len(x)} images, {ds.num_classes} classes, {tuple(x.shape[1:])}")
+    labels = selected_labels(cfg, ds)
+    _check_eval(cfg, ds)
+    x, y = load_distilled(a.dir, ds, labels, ipc=cfg.ipc if a.ipc is not None else None)
+    print(f"{a.dir}: {len(x)} images, {len(labels)} classes, {tuple(x.shape[1:])}")
     for net in cfg.eval_nets:
         r = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=cfg.eval_epochs,
                             progress=_log)
@@ -105,7 +169,7 @@ def cmd_pretrain(a: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="raydistill", description="Diffusion-based dataset distillation on Ray.")
+    ap = _Parser(prog="raydistill", description="Diffusion-based dataset distillation on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)")
     _add_common(d)

@@ -60,6 +60,36 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 
 
+def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False) -> bool:
+    """Raise UserError unless ``out`` may receive the set with ``fingerprint``; reads only, writes nothing.
+
+    Allowed: a missing or empty folder, a raydistill folder of the same settings (resumed), or with ``overwrite`` any
+    folder. Returns True when ``out`` holds a set made with other settings that ``overwrite`` will replace.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file", "choose another --out")
+    run_file = out / "run.json"
+    if run_file.exists():
+        try:
+            run = json.loads(run_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            run = None
+        if not isinstance(run, dict):
+            if overwrite:
+                return True
+            raise UserError(f"{run_file} is corrupt", "delete the output directory or pass --overwrite")
+        if run.get("fingerprint") != fingerprint:
+            if not overwrite:
+                raise UserError(f"{out} holds a distilled set made with other settings",
+                                "choose another --out, or pass --overwrite to replace it")
+            return True
+    elif out.exists() and any(out.iterdir()) and not overwrite and not (out / SHARDS_DIR).exists():
+        raise UserError(f"{out} exists and is not a raydistill output directory",
+                        "choose another --out or pass --overwrite")
+    return False
+
+
 @dataclass
 class Shard:
     """Images of one class; ``indices`` are the image numbers k, ``seeds`` their per-image seeds."""
@@ -79,20 +109,8 @@ class DistilledSetWriter:
         self.class_names = [safe_class_name(c) for c in class_names]
         self.fingerprint = fingerprint
         run_file = self.out / "run.json"
-        if run_file.exists():
-            try:
-                old = json.loads(run_file.read_text()).get("fingerprint")
-            except json.JSONDecodeError as e:
-                raise UserError(f"{run_file} is corrupt", "delete the output directory or pass --overwrite") from e
-            if old != fingerprint:
-                if not overwrite:
-                    raise UserError(f"{self.out} holds a distilled set made with other settings",
-                                    "choose another --out, or pass --overwrite to replace it")
-                self._clear()
-        elif self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            if not (self.out / SHARDS_DIR).exists():
-                raise UserError(f"{self.out} exists and is not a raydistill output directory",
-                                "choose another --out or pass --overwrite")
+        if check_output_dir(self.out, fingerprint, overwrite):
+            self._clear()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SHARDS_DIR).mkdir(exist_ok=True)
         atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1,
@@ -192,7 +210,7 @@ def load_png_tree(root: str | Path, class_names: Sequence[str], ipc: int | None 
                     arr = np.asarray(im)
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"corrupt image {f}", "delete or regenerate it") from e
-            imgs.append(torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
+            imgs.append(torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
             labels.append(label)
     shapes = {tuple(i.shape) for i in imgs}
     if len(shapes) > 1:

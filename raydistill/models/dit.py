@@ -114,8 +114,11 @@ def load_dit(path: str | Path, size: str | None = None, num_classes: int | None 
     else:
         from raydistill.models.dit_convert import load_original_dit
 
-        model = load_original_dit(p, DiTConfig(size=size or "XL/2", num_classes=num_classes or 1000,
-                                               input_size=input_size or 32))
+        if num_classes is None and input_size is None:
+            model = load_original_dit(p, None, size=size)  # configuration read off the checkpoint
+        else:
+            model = load_original_dit(p, DiTConfig(size=size or "XL/2", num_classes=num_classes or 1000,
+                                                   input_size=input_size or 32))
     return model.to(device).eval()
 
 

@@ -304,7 +304,26 @@ def _read(path: Path) -> dict[str, Tensor]:
     return obj
 
 
-def load_original_dit(path: str | Path, cfg: DiTConfig, return_extras: bool = False):
+def config_from_checkpoint(sd: dict[str, Tensor], size: str | None = None) -> DiTConfig:
+    """A :class:`DiTConfig` read off an original state dict; the size is the registry entry with its depth, hidden
+    size and patch (heads are not visible in the weights) unless ``size`` is given."""
+    if "x_embedder.proj.weight" not in sd:
+        raise UserError("the checkpoint is not a DiT state dict (no x_embedder.proj.weight)",
+                        "pass an original facebookresearch DiT .pt file")
+    inf = _infer(sd)
+    if size is None:
+        names = [n for n, s in DIT_SIZES.items() if (s.hidden, s.patch, s.depth) == (inf["hidden"], inf["patch"],
+                                                                                   inf["depth"])]
+        if not names:
+            raise UserError(f"no registered DiT size has depth {inf['depth']}, hidden {inf['hidden']}, patch "
+                            f"{inf['patch']}", "add it to raydistill.models.dit.DIT_SIZES")
+        size = names[0]
+    return DiTConfig(size=size, input_size=inf.get("input_size", 32), in_channels=inf["in_channels"],
+                     num_classes=inf.get("num_classes", 1000), learn_sigma=inf.get("learn_sigma", True))
+
+
+def load_original_dit(path: str | Path, cfg: DiTConfig | None = None, return_extras: bool = False,
+                      size: str | None = None):
     """Load a facebookresearch/DiT ``.pt`` into an eval-mode ``DiTTransformer2DModel`` built by ``build_dit(cfg)``.
 
     The file is read with ``weights_only=True`` (no code is ever unpickled). A dict with ``ema`` uses it, else
@@ -312,7 +331,8 @@ def load_original_dit(path: str | Path, cfg: DiTConfig, return_extras: bool = Fa
     number of heads is not visible in the weights and comes from the size registry. Keys containing ``gamma``
     (Minimax/Difffit scale factors) are not part of a plain DiT: with ``return_extras=True`` the result is
     ``(model, extras)`` with those tensors under their original keys; otherwise such a file is refused.
-    The model keeps whatever numerics ``build_dit`` gives it (see :func:`set_dit_numerics`).
+    The model keeps whatever numerics ``build_dit`` gives it (see :func:`set_dit_numerics`). With ``cfg=None`` the
+    configuration is read off the checkpoint (:func:`config_from_checkpoint`, ``size`` forcing the registry size).
     """
     p = Path(path)
     sd = _read(p)
@@ -321,6 +341,8 @@ def load_original_dit(path: str | Path, cfg: DiTConfig, return_extras: bool = Fa
         raise UserError(f"{p} is a Difffit/Minimax fine-tuned DiT checkpoint ({len(extras)} extra 'gamma' scale "
                         f"factors, e.g. {sorted(extras)[0]}), not a plain DiT", "use --method minimax to load it")
     sd = {k: v for k, v in sd.items() if k not in extras}
+    if cfg is None:
+        cfg = config_from_checkpoint(sd, size)
     _check(sd, cfg, p)
     model = build_dit(cfg)
     model.load_state_dict(original_to_diffusers(sd, cfg), strict=True)

@@ -32,6 +32,30 @@ def set_dir(root: str | Path, cfg: DistillConfig, method: str) -> Path:
     return Path(root) / cfg.dataset / f"{method}-ipc{cfg.ipc}-seed{cfg.seed}"
 
 
+def set_configs(cfg: DistillConfig, root: str | Path) -> dict[str, DistillConfig]:
+    """One config per set the main job makes: the method (into ``cfg.out`` when given) and each baseline."""
+    methods = [cfg.method] + [b for b in cfg.baselines if b != cfg.method]
+    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)))
+            for m in methods}
+
+
+def user_error_in(exc: BaseException):
+    """The :class:`UserError` a Ray task/actor raised, found in the wrapping exception's chain (else None)."""
+    from raydistill.errors import UserError
+
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(e.problem, e.fix)
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
 def _evaluate_task(out: str, cfg_dict: dict, net: str, threads: int) -> dict:
     import torch
 
@@ -49,63 +73,87 @@ def _evaluate_task(out: str, cfg_dict: dict, net: str, threads: int) -> dict:
 def run_main_job(cfg: DistillConfig, root: str | Path, address: str | None = None, pool_size: int = 1,
                  shard_size: int | None = None, gpus_per_actor: float | None = None, tracking_uri: str | None = None,
                  overwrite: bool = False, log: Callable[[str], None] = print) -> list[SetReport]:
+    """Sample every set, evaluate them all, then log one MLflow run per set. A UserError raised inside a Ray
+    actor or task is re-raised here as itself (one clear line at the CLI)."""
+    from raydistill.orchestration.runtime import ray_session
+    from raydistill.orchestration.tracking import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri(root)
+    sets = set_configs(cfg, root)
+    with ray_session(address):
+        try:
+            sampled = {m: _sample_set(c, pool_size, shard_size, gpus_per_actor, overwrite, log)
+                       for m, c in sets.items()}
+            evals, eval_secs = _evaluate_sets(cfg, sets, log)
+        except Exception as e:
+            ue = user_error_in(e)
+            if ue is not None:
+                raise ue from None
+            raise
+    return [_track_set(c, sampled[m], evals[m], eval_secs, tracking_uri) for m, c in sets.items()]
+
+
+def _sample_set(c: DistillConfig, pool_size: int, shard_size: int | None, gpus_per_actor: float | None,
+                overwrite: bool, log: Callable[[str], None]) -> tuple[float, float]:
+    """Stage 1: the Ray Data pipeline; returns (images/s, seconds)."""
     import ray
 
     from raydistill.orchestration.pipeline import distill_ray
-    from raydistill.orchestration.runtime import ray_session
-    from raydistill.orchestration.tracking import default_tracking_uri, log_artifacts, log_metrics, mlflow_run
 
-    tracking_uri = tracking_uri or default_tracking_uri(root)
-    methods = [cfg.method] + [b for b in cfg.baselines if b != cfg.method]
-    reports: list[SetReport] = []
-    with ray_session(address):
-        gpus = ray.cluster_resources().get("GPU", 0)
-        per_actor_gpu = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        set_cfgs = {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)))
-                    for m in methods}
-        sample_secs, rates = {}, {}
-        for m, c in set_cfgs.items():
-            log(f"[{m}] sampling {c.ipc} images per class into {c.out}")
-            t0 = time.time()
-            res = distill_ray(c, pool_size=pool_size, shard_size=shard_size, gpus_per_actor=per_actor_gpu,
-                              cpus_per_actor=max(0.25, min(1.0, (cpus - 0.5) / pool_size)),
-                              threads_per_actor=max(1, int(cpus // pool_size)), overwrite=overwrite,
-                              progress=lambda s, m=m: log(f"[{m}] {s}"))
-            sample_secs[m], rates[m] = time.time() - t0, res.images_per_s
-            log(f"[{m}] {len(res.rows)} images ({res.shards_run} shards run, {res.shards_skipped} resumed) "
-                f"in {sample_secs[m]:.1f} s")
-        evals: dict[str, dict] = {m: {} for m in methods}
-        if cfg.num_evals > 0:
-            n_tasks = len(methods) * len(cfg.eval_nets)
-            eval_gpu = min(1.0, gpus / n_tasks) if gpus else 0
-            threads = max(1, int(cpus // n_tasks))
-            task = ray.remote(num_cpus=min(1.0, cpus / n_tasks), num_gpus=eval_gpu)(_evaluate_task)
-            log(f"evaluating {len(methods)} sets x {cfg.num_evals} nets with preset {cfg.eval_preset!r}")
-            t0 = time.time()
-            refs = {(m, net): task.remote(set_cfgs[m].out, set_cfgs[m].to_dict(), net, threads)
-                    for m in methods for net in cfg.eval_nets}
-            for (m, net), ref in refs.items():
-                evals[m][net] = ray.get(ref)
-            eval_secs = time.time() - t0
-        else:
-            eval_secs = 0.0
-        for m in methods:
-            c = set_cfgs[m]
-            metrics = {"images_per_s": rates[m], "seconds_sample": sample_secs[m], "seconds_eval": eval_secs}
-            for net, e in evals[m].items():
-                key = f"acc_{c.eval_preset}_{net}"
-                metrics.update({f"{key}_mean": e["reported_mean"], f"{key}_std": e["reported_std"]})
-            atomic_write_text(Path(c.out) / "metrics.json", json.dumps({"metrics": metrics, "evals": evals[m]},
-                                                                        indent=1))
-            with mlflow_run(tracking_uri, f"{m}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
-                            tags={"method": m, "dataset": c.dataset}) as run:
-                log_metrics(metrics)
-                log_artifacts([Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet",
-                               Path(c.out) / "metrics.json"])
-                run_id = run.info.run_id
-            reports.append(SetReport(m, c.ipc, c.out, rates[m], sample_secs[m], evals[m], run_id))
-    return reports
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
+    log(f"[{c.method}] sampling {c.ipc} images per class into {c.out}")
+    t0 = time.time()
+    out = distill_ray(c, pool_size=pool_size, shard_size=shard_size,
+                      gpus_per_actor=gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0),
+                      cpus_per_actor=max(0.25, min(1.0, (cpus - 0.5) / pool_size)),
+                      threads_per_actor=max(1, int(cpus // pool_size)), overwrite=overwrite,
+                      progress=lambda s: log(f"[{c.method}] {s}"))
+    secs = time.time() - t0
+    log(f"[{c.method}] {len(out.rows)} images ({out.shards_run} shards run, {out.shards_skipped} resumed) "
+        f"in {secs:.1f} s")
+    return out.images_per_s, secs
+
+
+def _evaluate_sets(cfg: DistillConfig, sets: dict[str, DistillConfig], log: Callable[[str], None]
+                   ) -> tuple[dict[str, dict], float]:
+    """Stage 2: one Ray task per (set, net), all in flight at once; returns results and seconds."""
+    import ray
+
+    evals: dict[str, dict] = {m: {} for m in sets}
+    if cfg.num_evals == 0:
+        return evals, 0.0
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
+    n_tasks = len(sets) * len(cfg.eval_nets)
+    task = ray.remote(num_cpus=min(1.0, cpus / n_tasks), num_gpus=min(1.0, gpus / n_tasks) if gpus else 0)(
+        _evaluate_task)
+    log(f"evaluating {len(sets)} sets x {cfg.num_evals} nets with preset {cfg.eval_preset!r}")
+    t0 = time.time()
+    refs = {(m, net): task.remote(c.out, c.to_dict(), net, max(1, int(cpus // n_tasks)))
+            for m, c in sets.items() for net in cfg.eval_nets}
+    for (m, net), ref in refs.items():
+        evals[m][net] = ray.get(ref)
+    return evals, time.time() - t0
+
+
+def _track_set(c: DistillConfig, sampled: tuple[float, float], evals: dict, eval_secs: float,
+               tracking_uri: str) -> SetReport:
+    """Stage 3: metrics.json next to the set and one MLflow run with params, metrics and artifacts."""
+    from raydistill.orchestration.tracking import log_artifacts, log_metrics, mlflow_run
+
+    rate, sample_secs = sampled
+    metrics = {"images_per_s": rate, "seconds_sample": sample_secs, "seconds_eval": eval_secs}
+    for net, e in evals.items():
+        key = f"acc_{c.eval_preset}_{net}"
+        metrics.update({f"{key}_mean": e["reported_mean"], f"{key}_std": e["reported_std"]})
+    atomic_write_text(Path(c.out) / "metrics.json", json.dumps({"metrics": metrics, "evals": evals}, indent=1))
+    with mlflow_run(tracking_uri, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
+                    tags={"method": c.method, "dataset": c.dataset}) as run:
+        log_metrics(metrics)
+        log_artifacts([Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet", Path(c.out) / "metrics.json"])
+        run_id = run.info.run_id
+    return SetReport(c.method, c.ipc, c.out, rate, sample_secs, evals, run_id)
 
 
 def format_table(reports: list[SetReport], preset: str) -> str:
@@ -114,7 +162,7 @@ def format_table(reports: list[SetReport], preset: str) -> str:
         if not r.evals:
             lines.append(f"{r.method:<10} {r.ipc:>4} {'-':<10} {'-':>20} {r.images_per_s:>9.2f}")
         for net, e in r.evals.items():
-            acc = f"{e['reported_mean']:.2f} +- {e['reported_std']:.2f} (n={len(e['last'])})"
+            acc = f"{e['reported_mean']:.2f} +- {e['reported_std']:.2f} (n={e['num_nets']})"
             rate = "real" if r.method == "random" else f"{r.images_per_s:.2f}"
             lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9}")
     return "\n".join(lines)

@@ -21,15 +21,26 @@ CLIENT_ENV = {"RAY_AUTH_MODE": "token"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def runtime_env(extra_env: dict[str, str] | None = None) -> dict:
-    """The runtime_env every job and local session uses: loopback-safe env vars, quiet tokenizers/threads."""
-    env = dict(LOOPBACK_ENV)
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    env.update(extra_env or {})
-    return {"env_vars": env}
+RUNTIME_ENV_FILE = Path(__file__).with_name("runtime_env.yaml")
+
+
+def runtime_env(extra_env: dict[str, str] | None = None, with_working_dir: bool = False) -> dict:
+    """The runtime_env of ``runtime_env.yaml`` (also given to ``ray job submit --runtime-env``), plus ``extra_env``.
+
+    A driver that already runs inside a job (or a local session) needs only the env vars; ``with_working_dir``
+    keeps the upload settings for clients that submit code.
+    """
+    import yaml
+
+    env = yaml.safe_load(RUNTIME_ENV_FILE.read_text())
+    if not with_working_dir:
+        env = {"env_vars": env.get("env_vars", {})}
+    env["env_vars"] = {**env.get("env_vars", {}), **(extra_env or {})}
+    return env
 
 
 def apply_loopback_env() -> None:
+    """Put the loopback-only settings in the environment (no-op for variables the user set)."""
     for k, v in LOOPBACK_ENV.items():
         os.environ.setdefault(k, v)
 
@@ -42,9 +53,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     Inside a ``ray job submit`` job (``RAY_ADDRESS`` is set) the job's cluster is joined. A Ray that is already
     initialised in this process is reused and left running.
     """
+    apply_loopback_env()  # before the first `import ray` (package import already did it)
     import ray
 
-    apply_loopback_env()
     if ray.is_initialized():
         yield
         return

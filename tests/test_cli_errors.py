@@ -1,0 +1,215 @@
+"""Bad input through ``raydistill.cli.main``: exit status 2, exactly one ``raydistill: error:`` line, no traceback,
+and existing outputs left byte-identical. Every case must fail before Ray starts or a net is trained: the pipeline
+entry points are replaced by a guard that fails the test if reached (the validation itself runs for real)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydistill.cli import main
+from raydistill.config import DistillConfig
+from raydistill.distill import distill_local
+from raydistill.outputs import png_bytes
+from tests.conftest import FMNIST_ROOT, needs_fmnist
+
+F = str(FMNIST_ROOT)
+
+
+class ReachedPipeline(Exception):
+    """Raised by the guard: the CLI went past validation into Ray or training."""
+
+
+@pytest.fixture
+def guarded(monkeypatch):
+    import raydistill.distill
+    import raydistill.orchestration.distill_job
+
+    def guard(*args, **kwargs):
+        raise ReachedPipeline
+
+    monkeypatch.setattr(raydistill.orchestration.distill_job, "run_main_job", guard)
+    monkeypatch.setattr(raydistill.distill, "evaluate_images", guard)
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _distill(tmp: Path, *extra: str) -> list[str]:
+    """A distill command line valid up to ``extra`` (real Fashion-MNIST, two classes, outputs under tmp)."""
+    return ["distill", "--data-root", F, "--root", str(tmp / "runs"), "--classes", "0,1", "--ipc", "3", *extra]
+
+
+def _random_set(out: Path, **kw) -> Path:
+    cfg = dict(data_root=F, classes=("0", "1"), ipc=3, method="random", seed=0, out=str(out))
+    distill_local(DistillConfig(**{**cfg, **kw}))
+    return out
+
+
+def _png_tree(root: Path, corrupt: str | None = None) -> Path:
+    for label, name in enumerate(("t-shirt_top", "trouser")):
+        (root / name).mkdir(parents=True)
+        for k in range(3):
+            img = torch.full((1, 28, 28), 40 * label + k, dtype=torch.uint8)
+            (root / name / f"{k}.png").write_bytes(png_bytes(img))
+    if corrupt:
+        (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    return root
+
+
+def _dit_pt(tmp: Path, tiny) -> Path:
+    """The tiny model (DiT size "test") saved as an original facebookresearch DiT .pt."""
+    from raydistill.models.dit import DIT_SIZES, DiTConfig, load_dit
+    from raydistill.models.dit_convert import _SHARED, diffusers_to_original
+
+    sd = load_dit(tiny[0]).state_dict()
+    for key in _SHARED.values():  # the original layout has one embedder: tie the tiny model's per-block copies
+        for i in range(1, DIT_SIZES["test"].depth):
+            sd[f"transformer_blocks.{i}.{key}"] = sd[f"transformer_blocks.0.{key}"]
+    pt = tmp / "dit.pt"
+    torch.save(diffusers_to_original(sd, DiTConfig(size="test", input_size=8, num_classes=10)), pt)
+    return pt
+
+
+def _yaml(tmp: Path, text: str) -> Path:
+    p = tmp / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+# Each case: (tmp, tiny model) -> (argv, folder that must stay byte-identical or None), and a regex for the line.
+Case = Callable[[Path, tuple], tuple[list[str], Path | None]]
+CASES: dict[str, tuple[Case, str]] = {
+    "missing data root": (lambda t, m: (["distill", "--data-root", str(t / "nope"), "--method", "random"], None),
+                          r"Fashion-MNIST directory .*nope not found"),
+    "unknown dataset": (lambda t, m: (["distill", "--dataset", "nosuch"], None), r"unknown dataset 'nosuch'"),
+    "unknown class": (lambda t, m: (_distill(t, "--classes", "nosuch"), None), r"unknown class 'nosuch'"),
+    "ipc 0": (lambda t, m: (_distill(t, "--ipc", "0"), None), r"IPC must be a positive integer, got 0"),
+    "ipc -3": (lambda t, m: (_distill(t, "--ipc", "-3"), None), r"IPC must be a positive integer, got -3"),
+    "ipc not a number": (lambda t, m: (_distill(t, "--ipc", "ten"), None), r"--ipc: invalid int value: 'ten'"),
+    "steps 0 (argparse)": (lambda t, m: (_distill(t, "--steps", "0"), None),
+                           r"--steps: must be a positive integer, got 0"),
+    "unknown option": (lambda t, m: (_distill(t, "--bogus"), None), r"unrecognized arguments: --bogus"),
+    "unknown command": (lambda t, m: (["bogus"], None), r"invalid choice: 'bogus'"),
+    "no command": (lambda t, m: ([], None), r"required: command"),
+    "unknown method": (lambda t, m: (_distill(t, "--method", "nosuch"), None), r"unknown method 'nosuch'"),
+    "missing model path": (lambda t, m: (_distill(t, "--model", str(t / "missing.pt"), "--vae", str(m[1])), None),
+                           r"DiT checkpoint not found: .*missing\.pt"),
+    "model without vae": (lambda t, m: (_distill(t, "--model", str(m[0])), None), r"--model is given without --vae"),
+    "missing vae path": (lambda t, m: (_distill(t, "--model", str(m[0]), "--vae", str(t / "novae")), None),
+                         r"VAE not found at .*novae"),
+    "unknown model size": (lambda t, m: (_distill(t, "--model", str(m[0]), "--vae", str(m[1]), "--model-size", "XXL"),
+                                         None), r"unknown DiT size 'XXL'"),
+    "pt does not fit model size": (
+        lambda t, m: (_distill(t, "--model", str(_dit_pt(t, m)), "--vae", str(m[1]), "--model-size", "fmnist"), None),
+        r"dit\.pt does not match DiT-fmnist: x_embedder\.proj\.weight has shape \(32, 4, 2, 2\), expected "
+        r"\(192, 4, 2, 2\).*choose --model-size test"),
+    "eval preset nosuch": (lambda t, m: (_distill(t, "--method", "random", "--eval-preset", "nosuch"), None),
+                           r"unknown evaluation preset 'nosuch'"),
+    "eval nets nosuch": (lambda t, m: (_distill(t, "--method", "random", "--eval-nets", "convnet,nosuch"), None),
+                         r"unknown evaluation net 'nosuch'"),
+    "config unknown key": (lambda t, m: (["distill", "--config", str(_yaml(t, "ipc: 3\nbogus_key: 1\n"))], t),
+                           r"unknown config key\(s\): bogus_key"),
+    "config not yaml": (lambda t, m: (["distill", "--config", str(_yaml(t, "ipc: [3\nseed: {\n"))], t),
+                        r"cfg\.yaml is not valid YAML"),
+    "config not a mapping": (lambda t, m: (["distill", "--config", str(_yaml(t, "- 1\n- 2\n"))], t),
+                             r"must hold a mapping"),
+    "config missing": (lambda t, m: (["distill", "--config", str(t / "none.yaml")], None),
+                       r"config file not found: .*none\.yaml"),
+    "out holds other settings": (
+        lambda t, m: (_distill(t, "--method", "random", "--seed", "0", "--out", str(_random_set(t / "set", seed=1))),
+                      t),
+        r"set holds a distilled set made with other settings; choose another --out, or pass --overwrite"),
+    "baseline folder holds other settings": (
+        lambda t, m: (_distill(t, "--model", str(m[0]), "--vae", str(m[1]), "--out", str(t / "new"), "--seed", "0"),
+                      _random_set(t / "runs" / "fashion-mnist" / "random-ipc3-seed0", classes=("0", "2"))),
+        r"random-ipc3-seed0 holds a distilled set made with other settings"),
+    "out is a file": (lambda t, m: (_distill(t, "--method", "random", "--out", str(_yaml(t, "x: 1\n"))), t),
+                      r"output folder .*cfg\.yaml is a file"),
+    "evaluate corrupt png": (lambda t, m: (["evaluate", str(_png_tree(t / "set", "trouser/1.png")), "--data-root", F,
+                                            "--classes", "0,1"], t / "set"),
+                             r"corrupt image .*set/trouser/1\.png"),
+    "evaluate missing dir": (lambda t, m: (["evaluate", str(t / "nope"), "--data-root", F], None),
+                             r"distilled set not found: .*nope"),
+    "evaluate class missing in set": (
+        lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F], t / "set"),
+        r"class 'pullover' has no images"),
+    "evaluate eval nets nosuch": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
+                                                 "0,1", "--eval-nets", "nosuch"], t / "set"),
+                                  r"unknown evaluation net 'nosuch'"),
+    "evaluate eval preset nosuch": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F,
+                                                   "--classes", "0,1", "--eval-preset", "nosuch"], t / "set"),
+                                    r"unknown evaluation preset 'nosuch'"),
+}
+NO_FMNIST = {"missing data root", "unknown dataset", "unknown command", "no command", "config missing",
+             "ipc 0", "ipc -3", "ipc not a number", "steps 0 (argparse)", "unknown option", "unknown method"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in NO_FMNIST else [needs_fmnist]) for n in CASES])
+def test_bad_input_gives_one_line_and_exit_2(name: str, tmp_path: Path, tiny_model, guarded, capsys) -> None:
+    build, pattern = CASES[name]
+    argv, keep = build(tmp_path, tiny_model)
+    before = _snapshot(keep) if keep is not None else None
+    capsys.readouterr()  # drop whatever building the inputs printed
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("raydistill: error: ")
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in out + err
+    if keep is not None:
+        assert _snapshot(keep) == before
+    assert not (tmp_path / "new").exists()  # no main output folder was started either
+
+
+@needs_fmnist
+def test_valid_inputs_pass_validation(tmp_path: Path, tiny_model, guarded, capsys) -> None:
+    """The guard is reached (validation passed) for a resumable set, a new set with the tiny model, a fitting .pt,
+    and a valid evaluate; nothing is written by validation."""
+    s = _random_set(tmp_path / "set", seed=1)
+    before = _snapshot(s)
+    dit, vae = tiny_model
+    pt = _dit_pt(tmp_path, tiny_model)
+    for argv in (_distill(tmp_path, "--method", "random", "--seed", "1", "--out", str(s)),
+                 _distill(tmp_path, "--model", str(dit), "--vae", str(vae), "--out", str(tmp_path / "new")),
+                 _distill(tmp_path, "--model", str(pt), "--vae", str(vae), "--model-size", "test", "--method", "dit"),
+                 ["evaluate", str(s), "--data-root", F, "--classes", "0,1", "--num-evals", "1"]):
+        with pytest.raises(ReachedPipeline):
+            main(argv)
+    assert _snapshot(s) == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()
+    assert "Traceback" not in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("args", [["distill", "--ipc", "0"], ["distill", "--steps", "0"]])
+def test_subprocess_bad_input_exit_2_one_line(tmp_path: Path, args: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "raydistill.cli", *args], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydistill: error: "), p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_console_script_matches_module(tmp_path: Path) -> None:
+    """The installed ``raydistill`` entry point behaves like ``python -m raydistill.cli``."""
+    exe = shutil.which("raydistill", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("raydistill console script not installed next to this interpreter")
+    p = subprocess.run([exe, "distill", "--ipc", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1 and "Traceback" not in p.stderr

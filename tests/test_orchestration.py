@@ -1,0 +1,83 @@
+"""Ray pipeline and MLflow tracking on a real local Ray (one session for the module) and a real sqlite store."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from raydistill.config import DistillConfig
+from tests.conftest import needs_fmnist
+
+pytestmark = needs_fmnist
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from raydistill.orchestration.runtime import ray_session
+
+    with ray_session(num_cpus=2, num_gpus=0):
+        yield
+
+
+def _tiny_cfg(tiny_model, out, **kw) -> DistillConfig:
+    dit, vae = tiny_model
+    base = dict(model=str(dit), vae=str(vae), classes=("0", "1", "2"), ipc=3, steps=6, batch_size=2,
+                out=None if out is None else str(out), eval_epochs=2, num_evals=1, baselines=("random",))
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_ray_pipeline_two_actors_matches_in_process(ray_local, tiny_model, tmp_path):
+    from raydistill.distill import distill_local
+    from raydistill.orchestration.pipeline import distill_ray
+    from raydistill.outputs import verify_set
+
+    local = distill_local(_tiny_cfg(tiny_model, tmp_path / "local"))
+    res = distill_ray(_tiny_cfg(tiny_model, tmp_path / "ray"), pool_size=2, shard_size=2, cpus_per_actor=0.5,
+                      threads_per_actor=1)
+    assert res.shards_run == 6  # 3 classes x ceil(3 / 2)
+    per_class = {}
+    for row in res.rows:
+        per_class.setdefault(row["class_name"], []).append(row["index"])
+    assert {k: sorted(v) for k, v in per_class.items()} == {c: [0, 1, 2] for c in ("t-shirt_top", "trouser",
+                                                                                    "pullover")}
+    assert verify_set(tmp_path / "ray") == []
+    for row in local.rows:
+        assert (tmp_path / "ray" / row["path"]).read_bytes() == (tmp_path / "local" / row["path"]).read_bytes()
+    again = distill_ray(_tiny_cfg(tiny_model, tmp_path / "ray"), pool_size=2, shard_size=2)
+    assert again.shards_run == 0 and again.shards_skipped == 6
+
+
+def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_model, tmp_path):
+    import mlflow
+
+    from raydistill.orchestration.distill_job import format_table, run_main_job
+
+    cfg = _tiny_cfg(tiny_model, None, ipc=2, classes=("0", "1"))
+    reports = run_main_job(cfg, root=tmp_path, log=lambda m: None)
+    assert [r.method for r in reports] == ["dit", "random"]
+    table = format_table(reports, "dc")
+    assert "dit" in table and "random" in table and "+-" in table
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["raydistill"])
+    assert len(runs) == 2
+    by_method = {r["tags.method"]: r for _, r in runs.iterrows()}
+    dit = by_method["dit"]
+    assert dit["params.ipc"] == "2" and dit["params.method"] == "dit" and dit["params.eval_preset"] == "dc"
+    assert 0.0 <= dit["metrics.acc_dc_convnet_mean"] <= 100.0
+    assert dit["metrics.images_per_s"] > 0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(dit["run_id"])}
+    assert {"grid.png", "manifest.parquet", "metrics.json"} <= artifacts
+
+
+def test_local_ray_listens_on_loopback_only(ray_local):
+    ray_procs = [p for p in psutil.process_iter(["cmdline"])
+                 if any(k in " ".join(p.info["cmdline"] or []) for k in ("gcs_server", "raylet", "ray::",
+                                                                          "dashboard", "runtime_env_agent"))]
+    assert ray_procs, "no Ray processes found"
+    listening = []
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in {p.pid for p in ray_procs}:
+            listening.append(conn.laddr.ip)
+    assert listening, "Ray opened no listening sockets?"
+    assert set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
