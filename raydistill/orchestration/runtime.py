@@ -59,9 +59,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     if ray.is_initialized():
         yield
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address:  # a driver joining a cluster from outside: give its workers raydistill's runtime_env
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=not quiet)
+    elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job already carries the runtime_env
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env=runtime_env(), log_to_driver=not quiet, configure_logging=quiet,

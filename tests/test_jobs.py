@@ -1,0 +1,84 @@
+"""`ray start --head` on 127.0.0.1, `ray job submit jobs/distill.py` on a tiny config, check outputs, `ray stop`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import needs_fmnist
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = needs_fmnist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(client: bool) -> dict[str, str]:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    if client:
+        env["RAY_AUTH_MODE"] = "token"  # stack-notes: CLI clients of a token-auth cluster need it
+    return env
+
+
+@pytest.fixture()
+def head_node():
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's unix socket paths must stay under 108 bytes
+    gcs, dash = _free_port(), _free_port()
+    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
+             "--disable-usage-stats", f"--temp-dir={temp}"]
+    subprocess.run(start, check=True, env=_env(False), capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(False), capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_distill_on_loopback_cluster(head_node, tiny_model, tmp_path):
+    # every port the head node opened listens on loopback only
+    listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid and "ray" in " ".join(_cmdline(c.pid))}
+    assert listening and listening <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+    dit, vae = tiny_model
+    root = tmp_path / "runs"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--working-dir", str(REPO),
+           "--runtime-env", str(REPO / "raydistill/orchestration/runtime_env.yaml"), "--",
+           sys.executable, "jobs/distill.py", "--config", "jobs/configs/tiny.yaml", "--model", str(dit),
+           "--vae", str(vae), "--root", str(root)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=_env(True), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in (proc.stdout + proc.stderr).lower()
+    assert "accuracy (dc)" in proc.stdout and "random" in proc.stdout  # the table was printed
+    for method in ("dit", "random"):
+        out = root / "fashion-mnist" / f"{method}-ipc2-seed0"
+        assert sorted(p.name for p in (out / "t-shirt_top").iterdir()) == ["0.png", "1.png"]
+        assert (out / "manifest.parquet").exists() and (out / "grid.png").exists()
+        assert "acc_dc_convnet_mean" in json.loads((out / "metrics.json").read_text())["metrics"]
+    assert (root / "mlflow.db").exists()
+    print(f"job submit round trip: {time.time() - t0:.1f} s")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
