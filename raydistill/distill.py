@@ -27,6 +27,17 @@ METHOD_TERMS: dict[str, Callable] = {"dit": lambda cfg, runner: []}
 GENERATIVE = {"dit"}
 
 
+def _mgd3_terms(cfg: DistillConfig, runner) -> list:
+    """MGD3 (spec 3): one mode-guidance term; modes per selected class from its training images, cached."""
+    from raydistill.guidance.mode import mode_guidance_from_config
+
+    return [mode_guidance_from_config(cfg, runner.ds, runner.generator.codec, selected_labels(cfg, runner.ds))]
+
+
+METHOD_TERMS["mgd3"] = _mgd3_terms
+GENERATIVE.add("mgd3")
+
+
 def open_dataset(cfg: DistillConfig) -> ClassDataset:
     return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase)
 

@@ -11,7 +11,8 @@ PKG = Path(__file__).resolve().parents[1] / "raydistill"
 CORE_MODULES = ["raydistill.data", "raydistill.models.dit", "raydistill.models.dit_convert", "raydistill.models.vae",
                 "raydistill.models.evalnets", "raydistill.diffusion.sampler", "raydistill.guidance.base",
                 "raydistill.evaluate.train", "raydistill.outputs", "raydistill.distill", "raydistill.generator",
-                "raydistill.config", "raydistill.pretrain", "raydistill.consistency"]
+                "raydistill.config", "raydistill.pretrain", "raydistill.consistency", "raydistill.modes",
+                "raydistill.guidance.mode"]
 
 
 def test_core_imports_neither_ray_nor_mlflow():

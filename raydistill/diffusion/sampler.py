@@ -113,7 +113,8 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
             if active:
                 ctx = StepContext(i=i, x_t=x_in, eps=mv.eps, x0_hat=mv.x0_hat, mean=mv.mean,
                                   log_variance=mv.log_variance, alpha_bar=schedule.at("alphas_cumprod", i, x_in),
-                                  dit_labels=y, class_labels=cls, image_indices=idx, sampler=cfg.sampler)
+                                  dit_labels=y, class_labels=cls, image_indices=idx, sampler=cfg.sampler,
+                                  alpha_bar_prev=schedule.at("alphas_cumprod_prev", i, x_in))
                 for term in active:
                     step_mean = step_mean + term.delta(ctx).detach()
         x = step_mean.detach()

@@ -49,7 +49,7 @@ __all__ = ["EvalResult", "evaluate_synthetic", "evaluate_synthetic_dataloader"]
 ProgressFn = Callable[[str], None]
 EpochFn = Callable[[int, int, float], None]
 
-_TEST_PIXEL_BUDGET = {"cpu": 1 << 20, "other": 1 << 23}  # pixels per test batch (bounded activation memory)
+_TEST_PIXEL_BUDGET = {"cpu": 1 << 18, "other": 1 << 23}  # pixels per test batch (bounded activation memory)
 
 
 @dataclass

@@ -30,6 +30,7 @@ class StepContext:
     class_labels: torch.Tensor  # [B] subset labels 0..C-1 (keys of per-class state)
     image_indices: torch.Tensor  # [B] index k of each image within its class
     sampler: str  # "ddpm" or "ddim"
+    alpha_bar_prev: torch.Tensor | None = None  # [B, 1, 1, 1] respaced abar_{i-1} (1 at i = 0); DDIM terms need it
 
     @property
     def sigma(self) -> torch.Tensor:
