@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)")
     _add_common(d)
-    d.add_argument("--method", help="dit (default), random")
+    d.add_argument("--method", help="dit (default), random, mgd3 (mode guidance; parameters via a config's extra:)")
     d.add_argument("--baselines", type=_csv, help="comma-separated baselines evaluated alongside (default: random)")
     d.add_argument("--sampler", choices=("ddpm", "ddim"))
     d.add_argument("--steps", type=_positive_int)

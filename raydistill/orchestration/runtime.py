@@ -39,6 +39,10 @@ def runtime_env(extra_env: dict[str, str] | None = None, with_working_dir: bool 
     return env
 
 
+def _level(quiet: bool) -> str:
+    return "WARNING" if quiet else "INFO"
+
+
 def apply_loopback_env() -> None:
     """Put the loopback-only settings in the environment (no-op for variables the user set)."""
     for k, v in LOOPBACK_ENV.items():
@@ -50,6 +54,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
                 quiet: bool = True) -> Iterator[None]:
     """Join ``address`` (a running cluster) or start a local loopback Ray for the duration of the block.
 
+    ``quiet`` turns Ray's INFO logs and Ray Data's progress bars off; our tasks' own progress lines still reach the
+    driver, so long stages show progress.
+
     Inside a ``ray job submit`` job (``RAY_ADDRESS`` is set) the job's cluster is joined. A Ray that is already
     initialised in this process is reused and left running.
     """
@@ -60,13 +67,19 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
         yield
         return
     if address:  # a driver joining a cluster from outside: give its workers raydistill's runtime_env
-        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=not quiet)
+        ray.init(address=address, runtime_env=runtime_env(), logging_level=_level(quiet))
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job already carries the runtime_env
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=_level(quiet))
     else:
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env=runtime_env(), log_to_driver=not quiet, configure_logging=quiet,
-                 logging_level="ERROR" if quiet else "INFO")
+                 runtime_env=runtime_env(), logging_level=_level(quiet))
+    if quiet:
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
     try:
         yield
     finally:
