@@ -53,7 +53,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-preset", help="dc (default), dsa, idc, igd")
     g.add_argument("--eval-nets", type=_csv, help="comma-separated nets: convnet, resnet_ap10, resnet18")
-    g.add_argument("--num-evals", type=int, help="nets trained per network type (default 2)")
+    g.add_argument("--num-evals", type=int, help="nets per network type (default 1; 5 for a real estimate)")
     g.add_argument("--eval-epochs", type=_positive_int, help="override the preset's epochs (quick runs)")
     g.add_argument("--seed", type=int)
     g.add_argument("--ipc", type=int, help="images per class (default 10)")

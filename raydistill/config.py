@@ -43,7 +43,7 @@ class DistillConfig:
     # evaluation
     eval_preset: str = "dc"
     eval_nets: tuple[str, ...] = ("convnet",)
-    num_evals: int = 2
+    num_evals: int = 1  # nets per network type; the default job stays under 15 min on 2 cores
     eval_epochs: int | None = None
     baselines: tuple[str, ...] = ("random",)
     # output

@@ -20,7 +20,7 @@ import torch
 from raydistill.config import DistillConfig
 from raydistill.data import ClassDataset, load_dataset, resolve_classes
 from raydistill.errors import UserError
-from raydistill.outputs import DistilledSetWriter, Shard, png_bytes, save_grid
+from raydistill.outputs import DistilledSetWriter, Shard, png_bytes, read_image, save_grid
 
 # method name -> factory(cfg, runner) -> list of guidance terms; "dit" has none.
 METHOD_TERMS: dict[str, Callable] = {"dit": lambda cfg, runner: []}
@@ -156,19 +156,8 @@ def write_grid(out: str | Path, ds: ClassDataset, per_class: int = 10) -> None:
     from raydistill.outputs import read_manifest
 
     rows = [r for r in read_manifest(out) if r["index"] < per_class]
-    x, _ = load_png_tree_files([Path(out) / r["path"] for r in rows], ds.channels)
+    x = torch.stack([read_image(Path(out) / r["path"], ds.channels) for r in rows])
     save_grid(x, torch.as_tensor([r["label"] for r in rows]), Path(out) / "grid.png", per_class=per_class)
-
-
-def load_png_tree_files(files: list[Path], channels: int) -> tuple[torch.Tensor, None]:
-    from PIL import Image
-
-    arrs = []
-    for f in files:
-        with Image.open(f) as im:
-            a = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-        arrs.append(torch.from_numpy(a[None].copy() if a.ndim == 2 else a.transpose(2, 0, 1).copy()))
-    return torch.stack(arrs), None
 
 
 def load_distilled(out: str | Path, ds: ClassDataset, labels: list[int] | None = None,

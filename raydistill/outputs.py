@@ -183,12 +183,22 @@ def verify_set(out: str | Path) -> list[str]:
     return problems
 
 
+def read_image(path: Path, channels: int | None) -> torch.Tensor:
+    """One image file -> uint8 [C, H, W] (grey for ``channels == 1``, else RGB); a corrupt file is a UserError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"corrupt image {path}", "delete or regenerate it") from e
+    return torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+
+
 def load_png_tree(root: str | Path, class_names: Sequence[str], ipc: int | None = None,
                   channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``root/<class>/*.png`` into uint8 [N, C, H, W] and labels; with ``ipc``, the first ``ipc`` files per class
     in lexicographic order (the official ``train.py`` rule: 0.png, 1.png, 10.png, ...)."""
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"distilled set not found: {root}", "pass the folder that holds <class>/<k>.png")
@@ -204,13 +214,7 @@ def load_png_tree(root: str | Path, class_names: Sequence[str], ipc: int | None 
                                 "lower --ipc")
             files = files[:ipc]
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if channels == 1 else "RGB")
-                    arr = np.asarray(im)
-            except (UnidentifiedImageError, OSError) as e:
-                raise UserError(f"corrupt image {f}", "delete or regenerate it") from e
-            imgs.append(torch.from_numpy(arr[None].copy() if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()))
+            imgs.append(read_image(f, channels))
             labels.append(label)
     shapes = {tuple(i.shape) for i in imgs}
     if len(shapes) > 1:

@@ -33,9 +33,9 @@ def _quiet() -> None:
 def mlflow_run(tracking_uri: str, run_name: str, params: dict[str, str], experiment: str = EXPERIMENT,
                tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[object]:
     """Start (and end) an MLflow run with ``params`` logged; yields the active run."""
-    _quiet()
     import mlflow
 
+    _quiet()  # after the import: mlflow configures its loggers when imported
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=run_name, nested=nested, tags=tags or {}) as run:
