@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,6 @@ class DistillResult:
     images_per_s: float
     shards_run: int
     shards_skipped: int
-    metrics: dict = field(default_factory=dict)
 
 
 def distill_local(cfg: DistillConfig, overwrite: bool = False, device: str | None = None,
