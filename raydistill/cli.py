@@ -143,7 +143,6 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from raydistill.config import DistillConfig
     from raydistill.distill import evaluate_images, load_distilled, open_dataset, selected_labels
 
     cfg = _config(a, method="random")
@@ -157,7 +156,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                             progress=_log)
         print(f"{net}: {r.reported_mean:.2f} +- {r.reported_std:.2f} ({r.report}, {r.num_nets} nets, "
               f"preset {r.preset})")
-    del DistillConfig
     return 0
 
 

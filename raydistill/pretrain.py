@@ -243,11 +243,11 @@ class Pretrainer:
         self.log(f"exported to {self.out}")
 
 
-FMNIST_MEAN, FMNIST_STD = 0.2861, 0.3530
-
-
 def normalize_fmnist(x01: torch.Tensor) -> torch.Tensor:
-    return (x01 - FMNIST_MEAN) / FMNIST_STD
+    """The DC protocol's Fashion-MNIST normalisation (the evaluation presets' constants)."""
+    from raydistill.evaluate.presets import FMNIST_MEAN, FMNIST_STD
+
+    return (x01 - FMNIST_MEAN[0]) / FMNIST_STD[0]
 
 
 @torch.no_grad()
