@@ -1,4 +1,4 @@
-"""``raydistill`` command line: distill, evaluate, pretrain. Heavy modules (Ray, MLflow, diffusers) load lazily.
+"""``raydistill`` command line: distill, evaluate, surrogate, pretrain. Ray, MLflow and diffusers load lazily.
 
 Bad input raises :class:`raydistill.errors.UserError`; ``main`` prints it as one line and exits with status 2.
 """
@@ -59,6 +59,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ipc", type=int, help="images per class (default 10)")
 
 
+def _key_value(s: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE parsed as YAML (``igd_scale=5``, ``igd_window=[30,45]``, ``surrogate=path``)."""
+    import yaml
+
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot parse the value of {key!r}: {value!r}") from None
+
+
 def _config(a: argparse.Namespace, **extra):
     from raydistill.config import DistillConfig
 
@@ -68,9 +81,9 @@ def _config(a: argparse.Namespace, **extra):
              if hasattr(a, k)]
     over = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     over.update(extra)
-    if a.config:
-        return DistillConfig.from_yaml(a.config, **over)
-    return DistillConfig.from_dict(over)
+    cfg = DistillConfig.from_yaml(a.config, **over) if a.config else DistillConfig.from_dict(over)
+    sets = dict(getattr(a, "set", None) or [])
+    return cfg.with_(extra={**cfg.extra, **sets}) if sets else cfg
 
 
 def _check_eval(cfg, ds) -> None:
@@ -159,6 +172,33 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_surrogate(a: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from raydistill.data import load_dataset
+    from raydistill.surrogate import SURROGATE_DEFAULTS, SurrogateConfig
+
+    data = {"name": a.dataset, "root": a.data_root, "image_size": a.image_size, "nclass": a.nclass,
+            "phase": a.phase or 0}
+    ds = load_dataset(**data)  # fails here, before Ray, on a bad dataset
+    settings = dict(SURROGATE_DEFAULTS.get(ds.name, {}))
+    settings.update({f.name: getattr(a, f.name) for f in fields(SurrogateConfig)
+                     if getattr(a, f.name, None) is not None})
+    cfg = SurrogateConfig(**settings)
+    if a.local:
+        from raydistill.surrogate import Trajectory, similarity_selection, train_trajectory
+
+        train_trajectory(ds, a.out, cfg, progress=_log)
+        sel = similarity_selection(Trajectory(a.out), ds, a.grad_ipc, progress=_log) if a.select else {}
+    else:
+        from raydistill.orchestration.surrogate_job import run_surrogate_job
+
+        sel = run_surrogate_job(data, a.out, cfg, select=a.select, grad_ipc=a.grad_ipc, address=a.address, log=_log)
+    if sel:
+        print(f"selected epochs (cosine to the last accepted < {sel['threshold']}): {sel['selected']}")
+    return 0
+
+
 def cmd_pretrain(a: argparse.Namespace, rest: list[str]) -> int:
     from raydistill.pretrain import main as pretrain_main
 
@@ -171,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)")
     _add_common(d)
-    d.add_argument("--method", help="dit (default), random, mgd3 (mode guidance; parameters via a config's extra:)")
+    d.add_argument("--method", help="dit (default), random, mgd3, igd, mgd3+igd")
+    d.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="a method parameter (config extra:), e.g. --set igd_scale=5 --set t_stop=25; repeatable")
     d.add_argument("--baselines", type=_csv, help="comma-separated baselines evaluated alongside (default: random)")
     d.add_argument("--sampler", choices=("ddpm", "ddim"))
     d.add_argument("--steps", type=_positive_int)
@@ -189,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a distilled set <dir>/<class>/<k>.png")
     e.add_argument("dir")
     _add_common(e)
+    s = sub.add_parser("surrogate", help="train IGD's surrogate trajectory and select its checkpoints")
+    s.add_argument("--dataset", default="fashion-mnist")
+    s.add_argument("--data-root")
+    s.add_argument("--image-size", type=_positive_int)
+    s.add_argument("--nclass", type=_positive_int)
+    s.add_argument("--phase", type=int)
+    s.add_argument("--out", required=True, help="trajectory folder (rerun to resume)")
+    s.add_argument("--net", help="surrogate net (default convnet: ConvNet-3 at 28/32 px, ConvNet-6 at 256 px)")
+    s.add_argument("--epochs", type=_positive_int, help="default 50 (Fashion-MNIST: 15 of 12,000 images)")
+    s.add_argument("--images-per-epoch", type=_positive_int, help="default: the whole training split")
+    s.add_argument("--batch-size", type=_positive_int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--augment", choices=("auto", "idc", "none"))
+    s.add_argument("--grad-ipc", type=_positive_int, default=200, help="real images per class for gradients")
+    s.add_argument("--no-select", dest="select", action="store_false", help="skip the similarity selection")
+    s.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    s.add_argument("--local", action="store_true", help="run in this process, without Ray")
     sub.add_parser("pretrain", help="pretrain the built-in Fashion-MNIST VAE + DiT (see --help)", add_help=False)
     return ap
 
@@ -203,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_distill(a)
         if a.command == "evaluate":
             return cmd_evaluate(a)
+        if a.command == "surrogate":
+            return cmd_surrogate(a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)
         return 2

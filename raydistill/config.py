@@ -14,7 +14,7 @@ from typing import Any
 
 from raydistill.errors import UserError
 
-METHODS = ("random", "dit", "mgd3")  # extended by the method modules (igd, mgd3, minimax and their combinations)
+METHODS = ("random", "dit", "mgd3", "igd", "mgd3+igd")
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
 
 

@@ -34,8 +34,18 @@ def _mgd3_terms(cfg: DistillConfig, runner) -> list:
     return [mode_guidance_from_config(cfg, runner.ds, runner.generator.codec, selected_labels(cfg, runner.ds))]
 
 
+def _igd_terms(cfg: DistillConfig, runner) -> list:
+    """IGD (spec 2): deviation + influence terms from the surrogate trajectory in ``cfg.extra``."""
+    from raydistill.guidance.influence import igd_terms_from_config
+
+    return igd_terms_from_config(cfg, runner.ds, runner.generator.codec, selected_labels(cfg, runner.ds))
+
+
 METHOD_TERMS["mgd3"] = _mgd3_terms
-GENERATIVE.add("mgd3")
+METHOD_TERMS["igd"] = _igd_terms
+METHOD_TERMS["mgd3+igd"] = lambda cfg, runner: _mgd3_terms(cfg, runner) + _igd_terms(cfg, runner)
+GENERATIVE.update({"mgd3", "igd", "mgd3+igd"})
+WHOLE_CLASS = {"igd", "mgd3+igd"}  # per-class sequential state (IGD's deviation memory): one shard per class
 
 
 def open_dataset(cfg: DistillConfig) -> ClassDataset:
@@ -54,6 +64,9 @@ def plan_shards(cfg: DistillConfig, labels: list[int], shard_size: int | None = 
     """
     from raydistill.diffusion.sampler import image_seed
 
+    if shard_size is not None and cfg.method in WHOLE_CLASS and shard_size < cfg.ipc:
+        raise UserError(f"--shard-size {shard_size} would split classes, but {cfg.method}'s deviation memory needs "
+                        "each class in one shard", "leave --shard-size unset for this method")
     size = shard_size or cfg.ipc
     shards = []
     for c in labels:
@@ -94,8 +107,9 @@ class ShardRunner:
             chosen = random_real_indices(self.ds, shard.class_label, cfg.ipc, cfg.seed)[shard.indices]
             return self.ds.read("train", chosen), [int(i) for i in chosen]
         out = []
-        for start in range(0, len(shard.indices), cfg.batch_size):
-            idx = shard.indices[start:start + cfg.batch_size]
+        batch = 1 if cfg.extra.get("igd_impl") == "reference" else cfg.batch_size  # the released code's batch 1
+        for start in range(0, len(shard.indices), batch):
+            idx = shard.indices[start:start + batch]
             out.append(self.generator.generate([shard.class_label] * len(idx), idx, cfg.seed, self.terms))
         return torch.cat(out), list(shard.seeds)
 

@@ -81,3 +81,22 @@ def test_local_ray_listens_on_loopback_only(ray_local):
             listening.append(conn.laddr.ip)
     assert listening, "Ray opened no listening sockets?"
     assert set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+
+
+def test_surrogate_job_trains_and_selects_as_a_ray_task(ray_local, tmp_path):
+    """`raydistill surrogate` on Ray: trajectory of epochs 0..2 written, selection run, resumable (nothing redone)."""
+    import json
+
+    from raydistill.orchestration.surrogate_job import run_surrogate_job
+    from raydistill.surrogate import SurrogateConfig
+
+    cfg = SurrogateConfig(epochs=2, images_per_epoch=256)
+    data = {"name": "digits"}
+    sel = run_surrogate_job(data, str(tmp_path / "traj"), cfg, grad_ipc=20, log=lambda m: None)
+    assert sel["selected"][0] == 0 and len(sel["similarity_to_previous_epoch"]) == 2
+    meta = json.loads((tmp_path / "traj" / "trajectory.json").read_text())
+    assert meta["epochs_done"] == 2 and len(meta["log"]) == 2
+    assert sorted(p.name for p in (tmp_path / "traj").glob("epoch_*")) == [f"epoch_00{e}.safetensors" for e in range(3)]
+    mtime = (tmp_path / "traj" / "epoch_002.safetensors").stat().st_mtime_ns
+    run_surrogate_job(data, str(tmp_path / "traj"), cfg, select=False, log=lambda m: None)  # rerun: resumes, no work
+    assert (tmp_path / "traj" / "epoch_002.safetensors").stat().st_mtime_ns == mtime
