@@ -1,8 +1,9 @@
-"""Throughput on the built-in model, measured side by side in one run: sampling images/s by batch size, the Ray
-pipeline against the in-process core on the same work, 1 vs 2 sampler actors, and evaluation epochs/s of the
-on-device batched loop against a per-image DataLoader pipeline of the same protocol.
+"""Throughput on the built-in model, measured side by side in one run: sampling images/s by batch size, the cost
+per image of each guided method against plain sampling (IGD fast / reference, MGD3, MGD3+IGD), the Ray pipeline
+against the in-process core on the same work, 1 vs 2 sampler actors, and evaluation epochs/s of the on-device batched
+loop against a per-image DataLoader pipeline of the same protocol.
 
-    python benchmarks/throughput.py [--sections sampling,ray,eval] [--images 40]
+    python benchmarks/throughput.py [--sections sampling,methods,ray,eval] [--images 40]
 """
 
 from __future__ import annotations
@@ -40,6 +41,46 @@ def sampling(batch_sizes: list[int], images: int) -> dict:
         out[b] = rate
         print(f"sampling batch {b:>3}: {rate:7.2f} images/s ({n} images)", flush=True)
     return out
+
+
+def method_costs(batch: int, rounds: int, surrogate: str | None) -> dict:
+    """Seconds per image of each method's sampling (latents + decode), interleaved round by round so that load on
+    the machine hits every method alike; ratios to plain sampling at the same batch size. IGD ``reference`` runs at
+    batch 1 (as released), so plain and IGD ``fast`` are also timed at batch 1."""
+    import statistics
+
+    from raydistill.distill import METHOD_TERMS, ShardRunner
+
+    extra = {"surrogate": surrogate} if surrogate else {}
+    runners = {}
+    for name, method, ex in (("plain", "dit", {}), ("mgd3", "mgd3", {}), ("igd_fast", "igd", {}),
+                             ("mgd3+igd", "mgd3+igd", {}), ("igd_reference", "igd", {"igd_impl": "reference"})):
+        cfg = DistillConfig(method=method, ipc=max(batch, 16), extra={**extra, **ex},
+                            out=str(Path(tempfile.gettempdir()) / "rdbench-methods" / name))
+        runners[name] = ShardRunner(cfg, device="cpu")
+        assert method in METHOD_TERMS
+    plans = {  # name -> (runner, batch)
+        "plain_b1": ("plain", 1), "igd_fast_b1": ("igd_fast", 1), "igd_reference_b1": ("igd_reference", 1),
+        f"plain_b{batch}": ("plain", batch), f"mgd3_b{batch}": ("mgd3", batch),
+        f"igd_fast_b{batch}": ("igd_fast", batch), f"mgd3+igd_b{batch}": ("mgd3+igd", batch)}
+    for r in runners.values():  # warm-up, and mode discovery / real gradients out of the timings
+        r.generator.generate([0], [0], 0, r.terms)
+    times: dict[str, list[float]] = {k: [] for k in plans}
+    for rnd in range(rounds):
+        for key, (name, b) in plans.items():
+            run = runners[name]
+            c = rnd % 10
+            t0 = time.perf_counter()
+            run.generator.generate([c] * b, list(range(b)), rnd, run.terms)
+            times[key].append((time.perf_counter() - t0) / b)
+            print(f"  round {rnd + 1}/{rounds} {key}: {times[key][-1]:.3f} s/image", flush=True)
+    res = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {f"{k}_vs_plain": res[k] / res[f"plain_b{plans[k][1]}"] for k in plans if not k.startswith("plain")}
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x", flush=True)
+    ratios["igd_reference_vs_fast_b1"] = res["igd_reference_b1"] / res["igd_fast_b1"]
+    print(f"igd reference / fast at batch 1: {ratios['igd_reference_vs_fast_b1']:.2f}x", flush=True)
+    return {"seconds_per_image": res, "ratios": ratios, "rounds": rounds, "batch": batch}
 
 
 def ray_vs_local(ipc: int) -> dict:
@@ -98,6 +139,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--eval-epochs", type=int, default=30)
+    ap.add_argument("--method-batch", type=int, default=16)
+    ap.add_argument("--method-rounds", type=int, default=3)
+    ap.add_argument("--surrogate", help="IGD surrogate trajectory (default: the built-in one)")
     ap.add_argument("--results", default="benchmarks/results/throughput.json")
     a = ap.parse_args()
     sections = a.sections.split(",")
@@ -105,12 +149,15 @@ def main() -> None:
                             f"{torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d %H:%M")}
     if "sampling" in sections:
         res["sampling_images_per_s"] = sampling([int(b) for b in a.batch_sizes.split(",")], a.images)
+    if "methods" in sections:
+        res["methods"] = method_costs(a.method_batch, a.method_rounds, a.surrogate)
     if "ray" in sections:
         res["ray"] = ray_vs_local(a.ipc)
     if "eval" in sections:
         res["evaluation"] = evaluation(a.eval_epochs)
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(a.results), json.dumps(res, indent=1))
+    old = json.loads(Path(a.results).read_text()) if Path(a.results).exists() else {}
+    atomic_write_text(Path(a.results), json.dumps({**old, **res}, indent=1))  # sections run separately accumulate
 
 
 if __name__ == "__main__":

@@ -125,6 +125,13 @@ def _check_model(cfg) -> None:
         _check(sd, size, dit)
 
 
+def _preflight_data(cfg) -> None:
+    from raydistill.distill import open_dataset, selected_labels
+
+    selected_labels(cfg, open_dataset(cfg))
+    _check_model(cfg)
+
+
 def _preflight(cfg, root: str, overwrite: bool) -> None:
     """Everything a distill run can check before Ray starts: the dataset and classes, the evaluation settings, the
     model files, and that every output folder may take its set. Reads only."""
@@ -199,6 +206,19 @@ def cmd_surrogate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_modes(a: argparse.Namespace) -> int:
+    from raydistill.orchestration.distill_job import set_dir
+    from raydistill.orchestration.modes_job import run_modes_job
+
+    cfg = _config(a, method="mgd3")
+    if cfg.out is None and "modes_cache" not in cfg.extra:
+        cfg = cfg.with_(out=str(set_dir(a.root, cfg, "mgd3")))  # the cache the distill run will read
+    _preflight_data(cfg)
+    secs = run_modes_job(cfg, address=a.address, log=_log)
+    print(f"modes of {len(cfg.classes or []) or 'all'} classes ready ({secs:.0f} s)")
+    return 0
+
+
 def cmd_pretrain(a: argparse.Namespace, rest: list[str]) -> int:
     from raydistill.pretrain import main as pretrain_main
 
@@ -231,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a distilled set <dir>/<class>/<k>.png")
     e.add_argument("dir")
     _add_common(e)
+    m = sub.add_parser("modes", help="MGD3 mode discovery as Ray tasks (one per class) into the mode cache")
+    _add_common(m)
+    m.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="mode_method=gmm, mode_snap=true, modes_cache=PATH")
+    m.add_argument("--root", default="runs", help="output root the distill run uses (default ./runs)")
+    m.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
     s = sub.add_parser("surrogate", help="train IGD's surrogate trajectory and select its checkpoints")
     s.add_argument("--dataset", default="fashion-mnist")
     s.add_argument("--data-root")
@@ -239,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--phase", type=int)
     s.add_argument("--out", required=True, help="trajectory folder (rerun to resume)")
     s.add_argument("--net", help="surrogate net (default convnet: ConvNet-3 at 28/32 px, ConvNet-6 at 256 px)")
-    s.add_argument("--epochs", type=_positive_int, help="default 50 (Fashion-MNIST: 15 of 12,000 images)")
+    s.add_argument("--epochs", type=_positive_int, help="default 50 (Fashion-MNIST: 10 of 12,000 images)")
     s.add_argument("--images-per-epoch", type=_positive_int, help="default: the whole training split")
     s.add_argument("--batch-size", type=_positive_int)
     s.add_argument("--lr", type=float)
@@ -265,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(a)
         if a.command == "surrogate":
             return cmd_surrogate(a)
+        if a.command == "modes":
+            return cmd_modes(a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ class DistillConfig:
     num_evals: int = 1  # nets per network type; the default job stays under 15 min on 2 cores
     eval_epochs: int | None = None
     baselines: tuple[str, ...] = ("random",)
+    coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.coverage)
     # output
     out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>
     extra: dict[str, Any] = field(default_factory=dict)  # method parameters (weights, windows, ...)
@@ -105,7 +106,7 @@ class DistillConfig:
 
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
-        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size"}
+        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def fingerprint(self) -> str:

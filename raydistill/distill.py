@@ -203,3 +203,15 @@ def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: 
     return evaluate_synthetic(x.float() / 255.0, train_y, test_x.float() / 255.0, test_y, preset=preset, net=net,
                               num_nets=num_nets, seed=seed, device=dev, epochs=epochs, progress=progress,
                               on_epoch=on_epoch, eval_every=eval_every)
+
+
+def coverage_of_set(cfg: DistillConfig, out: str | Path, max_real: int | None = 1000) -> dict:
+    """Mode coverage and assignment distance (:mod:`raydistill.coverage`) of the set in ``out`` (generator's VAE)."""
+    from raydistill.coverage import set_coverage
+    from raydistill.generator import resolve_model_paths
+    from raydistill.models.vae import load_vae
+
+    ds = open_dataset(cfg)
+    x, y = load_distilled(out, ds, selected_labels(cfg, ds), ipc=cfg.ipc)
+    codec = load_vae(resolve_model_paths(cfg)[1], image_size=ds.image_size)
+    return set_coverage(ds, codec, x, y, max_real=max_real, seed=cfg.seed)

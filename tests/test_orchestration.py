@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psutil
 import pytest
+import torch
 
 from raydistill.config import DistillConfig
 from tests.conftest import needs_fmnist
@@ -66,6 +67,8 @@ def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_mode
     assert dit["params.ipc"] == "2" and dit["params.method"] == "dit" and dit["params.eval_preset"] == "dc"
     assert 0.0 <= dit["metrics.acc_dc_convnet_mean"] <= 100.0
     assert dit["metrics.images_per_s"] > 0
+    assert 0.0 <= dit["metrics.mode_coverage"] <= 1.0 and dit["metrics.mode_distance"] > 0
+    assert reports[0].coverage["mode_coverage"] == dit["metrics.mode_coverage"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(dit["run_id"])}
     assert {"grid.png", "manifest.parquet", "metrics.json"} <= artifacts
 
@@ -100,3 +103,23 @@ def test_surrogate_job_trains_and_selects_as_a_ray_task(ray_local, tmp_path):
     mtime = (tmp_path / "traj" / "epoch_002.safetensors").stat().st_mtime_ns
     run_surrogate_job(data, str(tmp_path / "traj"), cfg, select=False, log=lambda m: None)  # rerun: resumes, no work
     assert (tmp_path / "traj" / "epoch_002.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_mode_discovery_ray_tasks_fill_the_cache_the_sampler_reads(ray_local, tiny_model, tmp_path):
+    """One Ray task per class writes the modes; the in-process MGD3 term then computes nothing."""
+    from raydistill.distill import open_dataset
+    from raydistill.generator import load_generator
+    from raydistill.guidance.mode import class_modes_loader
+    from raydistill.orchestration.modes_job import discover_modes_ray
+
+    cfg = _tiny_cfg(tiny_model, tmp_path / "mgd3" / "set", method="mgd3", classes=("0", "1"), ipc=2)
+    discover_modes_ray(cfg, log=lambda m: None)
+    files = sorted((tmp_path / "mgd3" / ".modes").glob("modes-*.safetensors"))
+    assert len(files) == 2
+    ds = open_dataset(cfg)
+    gen = load_generator(cfg, ds.dit_labels, ds.image_size, "cpu")
+    load = class_modes_loader(cfg, ds, gen.codec, [0, 1])
+    stamps = [f.stat().st_mtime_ns for f in files]
+    modes = [load(c) for c in (0, 1)]
+    assert all(m.shape == (2, 4, 8, 8) for m in modes) and not torch.equal(modes[0], modes[1])
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read from the cache, not recomputed

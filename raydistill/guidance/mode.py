@@ -131,22 +131,29 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def mode_guidance_from_config(cfg, ds, codec, labels: list[int]) -> ModeGuidance:
-    """The MGD3 term for a distillation config (``raydistill.distill`` registers this as method "mgd3").
+def mode_settings(cfg) -> dict:
+    """MGD3's parameters from ``cfg.extra`` (validated): mode_scale, t_stop, mode_method, mode_snap."""
+    from raydistill.modes import MODE_METHODS
 
-    Modes: k = ``cfg.ipc`` per class in ``labels``, from all of the class's training images of ``ds``, clustered with
-    ``cfg.seed``; computed lazily per class and cached under ``cfg.extra["modes_cache"]`` (default
-    ``<cfg.out>/../.modes``; no cache when neither is set). Parameters from ``cfg.extra``: ``mode_scale`` (0.1),
-    ``t_stop`` (25), ``mode_method`` ("kmeans" or "gmm"), ``mode_snap`` (False).
+    return {"scale": float(_extra(cfg, "mode_scale", 0.1, _is_number, "a number >= 0 (the paper uses 0.1)")),
+            "t_stop": _extra(cfg, "t_stop", 25, _is_int, "an integer respaced index (the paper uses 25)"),
+            "method": _extra(cfg, "mode_method", "kmeans", lambda v: v in MODE_METHODS,
+                             f"one of {', '.join(MODE_METHODS)}"),
+            "snap": _extra(cfg, "mode_snap", False, lambda v: isinstance(v, bool), "true or false")}
+
+
+def class_modes_loader(cfg, ds, codec, labels: list[int]) -> Callable[[int], torch.Tensor]:
+    """``load(label) -> modes [IPC, c, h, w]`` for ``cfg``: from the cache when present, else computed and cached.
+
+    Modes: k = ``cfg.ipc`` per class, from all of the class's training images of ``ds``, clustered with ``cfg.seed``;
+    cached under ``cfg.extra["modes_cache"]`` (default ``<cfg.out>/../.modes``; no cache when neither is set). The
+    same function runs in the Ray mode-discovery tasks (one per class) and, on a cache miss, in the samplers.
     """
     from pathlib import Path
 
-    from raydistill.modes import MODE_METHODS, ModeCache, codec_identity, discover_modes
+    from raydistill.modes import ModeCache, codec_identity, discover_modes
 
-    scale = float(_extra(cfg, "mode_scale", 0.1, _is_number, "a number >= 0 (the paper uses 0.1)"))
-    t_stop = _extra(cfg, "t_stop", 25, _is_int, "an integer respaced index (the paper uses 25)")
-    method = _extra(cfg, "mode_method", "kmeans", lambda v: v in MODE_METHODS, f"one of {', '.join(MODE_METHODS)}")
-    snap = _extra(cfg, "mode_snap", False, lambda v: isinstance(v, bool), "true or false")
+    st = mode_settings(cfg)
     root = cfg.extra.get("modes_cache")
     if root is None and cfg.out is not None:
         root = Path(cfg.out).parent / ".modes"
@@ -160,11 +167,11 @@ def mode_guidance_from_config(cfg, ds, codec, labels: list[int]) -> ModeGuidance
                             "modes MGD3 needs", "lower --ipc")
 
     def load(label: int) -> torch.Tensor:
-        n = counts[label]
+        n = counts[int(label)]
 
         def compute() -> torch.Tensor:
             images, _ = ds.load("train", label=label)
-            return discover_modes(codec, images, cfg.ipc, seed=cfg.seed, method=method, snap=snap)
+            return discover_modes(codec, images, cfg.ipc, seed=cfg.seed, method=st["method"], snap=st["snap"])
 
         if cache is None:
             return compute()
@@ -172,6 +179,17 @@ def mode_guidance_from_config(cfg, ds, codec, labels: list[int]) -> ModeGuidance
             vae_id.append(codec_identity(codec))
         dataset = (f"{ds.name}|root={cfg.data_root}|size={ds.image_size}|nclass={cfg.nclass}|phase={cfg.phase}"
                    f"|class={ds.class_names[label]}|n={n}")
-        return cache.get_or_compute(compute, dataset, label, cfg.ipc, vae_id[0], cfg.seed, method, snap)
+        return cache.get_or_compute(compute, dataset, label, cfg.ipc, vae_id[0], cfg.seed, st["method"], st["snap"])
 
-    return ModeGuidance(LazyClassModes(labels, load), scale=scale, t_stop=t_stop)
+    return load
+
+
+def mode_guidance_from_config(cfg, ds, codec, labels: list[int]) -> ModeGuidance:
+    """The MGD3 term for a distillation config (``raydistill.distill`` registers this as method "mgd3").
+
+    Parameters from ``cfg.extra``: ``mode_scale`` (0.1), ``t_stop`` (25), ``mode_method`` ("kmeans" or "gmm"),
+    ``mode_snap`` (False); modes per class from :func:`class_modes_loader`, computed lazily.
+    """
+    st = mode_settings(cfg)
+    return ModeGuidance(LazyClassModes(labels, class_modes_loader(cfg, ds, codec, labels)), scale=st["scale"],
+                        t_stop=st["t_stop"])

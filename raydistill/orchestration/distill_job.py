@@ -26,6 +26,7 @@ class SetReport:
     seconds_sample: float
     evals: dict  # net -> EvalResult.to_dict()
     run_id: str | None = None
+    coverage: dict | None = None  # mode_coverage, mode_distance (raydistill.coverage)
 
 
 def set_dir(root: str | Path, cfg: DistillConfig, method: str) -> Path:
@@ -102,8 +103,13 @@ def _sample_set(c: DistillConfig, pool_size: int, shard_size: int | None, gpus_p
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
-    log(f"[{c.method}] sampling {c.ipc} images per class into {c.out}")
     t0 = time.time()
+    if "mgd3" in c.method.split("+"):  # stage 0: mode discovery, one Ray task per class, into the mode cache
+        from raydistill.orchestration.modes_job import discover_modes_ray
+
+        log(f"[{c.method}] discovering modes ({time.time() - t0:.0f} s)")
+        discover_modes_ray(c, log=lambda s: log(f"[{c.method}] {s}"))
+    log(f"[{c.method}] sampling {c.ipc} images per class into {c.out}")
     out = distill_ray(c, pool_size=pool_size, shard_size=shard_size,
                       gpus_per_actor=gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus else 0.0),
                       cpus_per_actor=max(0.25, min(1.0, (cpus - 0.5) / pool_size)),
@@ -132,9 +138,21 @@ def _evaluate_sets(cfg: DistillConfig, sets: dict[str, DistillConfig], log: Call
     t0 = time.time()
     refs = {(m, net): task.remote(c.out, c.to_dict(), net, max(1, int(cpus // n_tasks)))
             for m, c in sets.items() for net in cfg.eval_nets}
+    if cfg.coverage:
+        cov = ray.remote(num_cpus=min(1.0, cpus / n_tasks))(_coverage_task)
+        refs.update({(m, "coverage"): cov.remote(c.out, c.to_dict()) for m, c in sets.items()})
     for (m, net), ref in refs.items():
         evals[m][net] = ray.get(ref)
     return evals, time.time() - t0
+
+
+def _coverage_task(out: str, cfg_dict: dict) -> dict:
+    import torch
+
+    from raydistill.distill import coverage_of_set
+
+    torch.set_num_threads(1)
+    return coverage_of_set(DistillConfig.from_dict(cfg_dict), out)
 
 
 def _track_set(c: DistillConfig, sampled: tuple[float, float], evals: dict, eval_secs: float,
@@ -144,25 +162,33 @@ def _track_set(c: DistillConfig, sampled: tuple[float, float], evals: dict, eval
 
     rate, sample_secs = sampled
     metrics = {"images_per_s": rate, "seconds_sample": sample_secs, "seconds_eval": eval_secs}
+    evals = dict(evals)
+    cov = evals.pop("coverage", None)
+    if cov is not None:
+        metrics.update({"mode_coverage": cov["mode_coverage"], "mode_distance": cov["mode_distance"]})
     for net, e in evals.items():
         key = f"acc_{c.eval_preset}_{net}"
         metrics.update({f"{key}_mean": e["reported_mean"], f"{key}_std": e["reported_std"]})
-    atomic_write_text(Path(c.out) / "metrics.json", json.dumps({"metrics": metrics, "evals": evals}, indent=1))
+    atomic_write_text(Path(c.out) / "metrics.json",
+                      json.dumps({"metrics": metrics, "evals": evals, "coverage": cov}, indent=1))
     with mlflow_run(tracking_uri, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
                     tags={"method": c.method, "dataset": c.dataset}) as run:
         log_metrics(metrics)
         log_artifacts([Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet", Path(c.out) / "metrics.json"])
         run_id = run.info.run_id
-    return SetReport(c.method, c.ipc, c.out, rate, sample_secs, evals, run_id)
+    return SetReport(c.method, c.ipc, c.out, rate, sample_secs, evals, run_id, cov)
 
 
 def format_table(reports: list[SetReport], preset: str) -> str:
-    lines = [f"{'method':<10} {'IPC':>4} {'network':<10} {'accuracy (' + preset + ')':>20} {'images/s':>9}"]
+    lines = [f"{'method':<10} {'IPC':>4} {'network':<10} {'accuracy (' + preset + ')':>20} {'images/s':>9} "
+             f"{'coverage':>8} {'distance':>8}"]
     for r in reports:
+        rate = "real" if r.method == "random" else f"{r.images_per_s:.2f}"
+        cov = (f"{r.coverage['mode_coverage']:>8.2f} {r.coverage['mode_distance']:>8.2f}" if r.coverage
+               else f"{'-':>8} {'-':>8}")
         if not r.evals:
-            lines.append(f"{r.method:<10} {r.ipc:>4} {'-':<10} {'-':>20} {r.images_per_s:>9.2f}")
+            lines.append(f"{r.method:<10} {r.ipc:>4} {'-':<10} {'-':>20} {rate:>9} {cov}")
         for net, e in r.evals.items():
             acc = f"{e['reported_mean']:.2f} +- {e['reported_std']:.2f} (n={e['num_nets']})"
-            rate = "real" if r.method == "random" else f"{r.images_per_s:.2f}"
-            lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9}")
+            lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9} {cov}")
     return "\n".join(lines)
