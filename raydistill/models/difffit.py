@@ -142,9 +142,10 @@ def trainable_state(model) -> dict[str, Tensor]:
 
 
 def load_trainable_state(model, tensors: dict[str, Tensor], source: str = "the fine-tune") -> None:
-    """Copy ``tensors`` (from :func:`trainable_state`) into ``model`` in place; names and shapes must match."""
+    """Copy ``tensors`` (from :func:`trainable_state`) into ``model`` in place; the names must be exactly the trainable
+    set (by the name rule, whatever ``requires_grad`` says now) and the shapes must match."""
     params = dict(model.named_parameters())
-    want = {n for n, p in params.items() if p.requires_grad}
+    want = {n for n in params if is_difffit_trainable(n)}
     if set(tensors) != want:
         missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
         raise UserError(f"{source} does not fit this DiT (missing {missing[:3]}, unexpected {extra[:3]})",
