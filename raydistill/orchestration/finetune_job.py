@@ -85,7 +85,9 @@ def run_finetune_job(data: dict, dit: str, vae: str, model_size: str | None, out
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # the CPUs of the largest node: a task cannot span nodes, so asking for the cluster total (e.g. 3 CPUs on a
+        # 2 + 1 CPU cluster) would never be scheduled
+        cpus = max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
         log(f"fine-tuning into {out_p} on {'a GPU' if gpus else f'{cpus} CPU(s)'}")
         task = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else cpus)(_finetune_task)
         index = ray.get(task.remote(data, str(Path(dit).resolve()), str(Path(vae).resolve()), model_size, str(out_p),
