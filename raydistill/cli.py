@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--model-size", help="DiT size for .pt files (XL/2, ...)")
     f.add_argument("--vae", help="the AutoencoderKL folder the DiT was trained with")
     f.add_argument("--out", help="fine-tune folder (rerun to resume; default for the built-in model: next to it)")
-    f.add_argument("--epochs", type=_positive_int, help="default 8 (spec); Fashion-MNIST preset: --steps 12000")
+    f.add_argument("--epochs", type=_positive_int, help="default 8 (spec); Fashion-MNIST preset: --steps 10000")
     f.add_argument("--steps", type=_positive_int, help="total steps (overrides --epochs)")
     f.add_argument("--batch-size", type=_positive_int, help="default 8")
     f.add_argument("--lr", type=float, help="default 1e-3")
