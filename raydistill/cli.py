@@ -1,4 +1,4 @@
-"""``raydistill`` command line: distill, evaluate, surrogate, pretrain. Ray, MLflow and diffusers load lazily.
+"""``raydistill`` command line: distill, evaluate, surrogate, finetune, pretrain. Ray, MLflow and diffusers load lazily.
 
 Bad input raises :class:`raydistill.errors.UserError`; ``main`` prints it as one line and exits with status 2.
 """
@@ -136,6 +136,7 @@ def _preflight(cfg, root: str, overwrite: bool) -> None:
     """Everything a distill run can check before Ray starts: the dataset and classes, the evaluation settings, the
     model files, and that every output folder may take its set. Reads only."""
     from raydistill.distill import GENERATIVE, open_dataset, selected_labels
+    from raydistill.minimax import MINIMAX_METHODS, finetune_source
     from raydistill.orchestration.distill_job import set_configs
     from raydistill.outputs import check_output_dir
 
@@ -145,6 +146,8 @@ def _preflight(cfg, root: str, overwrite: bool) -> None:
     sets = set_configs(cfg, root)  # the same folders as run_main_job
     if any(m in GENERATIVE for m in sets):
         _check_model(cfg)
+    if cfg.method in MINIMAX_METHODS:
+        finetune_source(cfg)  # a missing or unfinished fine-tune fails here, not in a Ray actor
     for c in sets.values():
         check_output_dir(c.out, c.fingerprint(), overwrite)
 
@@ -219,6 +222,61 @@ def cmd_modes(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(a: argparse.Namespace) -> int:
+    """Minimax DiffFit fine-tune (spec 1.2-1.5); default model and output: the built-in Fashion-MNIST ones."""
+    from dataclasses import asdict, fields
+
+    from raydistill.config import BUILTIN_MODEL
+    from raydistill.data import load_dataset, resolve_classes
+    from raydistill.minimax import FinetuneConfig, finetune_config_from, finetune_preset, phase_chunks
+
+    ds = load_dataset(a.dataset, a.data_root, image_size=a.image_size, nclass=a.nclass, phase=a.phase or 0)
+    labels = resolve_classes(ds, list(a.classes) if a.classes else None)
+    if a.model is None:
+        if ds.name != "fashion-mnist":
+            raise UserError(f"no built-in model for dataset {ds.name!r}", "pass --model and --vae")
+        if not (BUILTIN_MODEL / "dit" / "config.json").exists():
+            raise UserError(f"the built-in model is missing from {BUILTIN_MODEL}", "run `raydistill pretrain` first")
+        dit, vae = BUILTIN_MODEL / "dit", BUILTIN_MODEL / "vae"
+        out = a.out or str(BUILTIN_MODEL / "minimax")
+    else:
+        if a.vae is None:
+            raise UserError("--model is given without --vae", "pass --vae, the AutoencoderKL the DiT was trained with")
+        if a.out is None:
+            raise UserError("no output folder given", "pass --out DIR (then distill with --set finetune=DIR)")
+        dit, vae, out = a.model, a.vae, a.out
+    from pathlib import Path
+
+    for what, p in (("DiT", Path(dit)), ("VAE", Path(vae))):
+        if not p.exists():
+            raise UserError(f"{what} not found: {p}", f"pass --{what.lower()} an existing path")
+    settings = finetune_preset(ds.name)
+    settings.update({f.name: getattr(a, f.name) for f in fields(FinetuneConfig)
+                     if getattr(a, f.name, None) is not None})
+    cfg = finetune_config_from(settings)
+    phases = phase_chunks(labels, cfg)
+    _log(f"fine-tune {ds.name}: {len(labels)} classes in {len(phases)} phase(s), settings {asdict(cfg)}")
+    if a.local:
+        from raydistill.minimax import finetune
+
+        index = finetune(ds, dit, vae, out, cfg, labels=labels, model_size=a.model_size, device=a.device,
+                         progress=_log)
+    else:
+        from raydistill.orchestration.finetune_job import run_finetune_job
+        from raydistill.orchestration.tracking import default_tracking_uri
+
+        data = {"name": a.dataset, "root": a.data_root, "image_size": a.image_size, "nclass": a.nclass,
+                "phase": a.phase or 0}
+        params = {**{k: str(v) for k, v in asdict(cfg).items()}, "dataset": ds.name, "model": str(dit),
+                  "vae": str(vae), "out": str(out), "classes": ",".join(ds.class_names[c] for c in labels)}
+        index = run_finetune_job(data, str(dit), str(vae), a.model_size, out, cfg, labels, len(phases), params,
+                                 tracking_uri=a.tracking_uri or default_tracking_uri(a.root), address=a.address,
+                                 log=_log)
+    print(f"fine-tune written to {out} ({len(index['phases'])} phase(s)); distill with --method minimax"
+          + ("" if a.out is None and a.model is None else f" --set finetune={out}"))
+    return 0
+
+
 def cmd_pretrain(a: argparse.Namespace, rest: list[str]) -> int:
     from raydistill.pretrain import main as pretrain_main
 
@@ -231,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)")
     _add_common(d)
-    d.add_argument("--method", help="dit (default), random, mgd3, igd, mgd3+igd")
+    d.add_argument("--method", help="dit (default), random, mgd3, igd, mgd3+igd, minimax, minimax-igd, "
+                   "minimax+mgd3 (minimax*: --set finetune=DIR from `raydistill finetune`)")
     d.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="a method parameter (config extra:), e.g. --set igd_scale=5 --set t_stop=25; repeatable")
     d.add_argument("--baselines", type=_csv, help="comma-separated baselines evaluated alongside (default: random)")
@@ -275,6 +334,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-select", dest="select", action="store_false", help="skip the similarity selection")
     s.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
     s.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    f = sub.add_parser("finetune", help="Minimax DiffFit fine-tune of the DiT (default: the built-in Fashion-MNIST "
+                       "model, written next to it)")
+    f.add_argument("--dataset", default="fashion-mnist")
+    f.add_argument("--data-root")
+    f.add_argument("--image-size", type=_positive_int)
+    f.add_argument("--nclass", type=_positive_int)
+    f.add_argument("--phase", type=int)
+    f.add_argument("--classes", type=_csv, help="comma-separated class names or indices (default: all)")
+    f.add_argument("--model", help="base DiT: a diffusers folder or an original DiT .pt (default: built-in)")
+    f.add_argument("--model-size", help="DiT size for .pt files (XL/2, ...)")
+    f.add_argument("--vae", help="the AutoencoderKL folder the DiT was trained with")
+    f.add_argument("--out", help="fine-tune folder (rerun to resume; default for the built-in model: next to it)")
+    f.add_argument("--epochs", type=_positive_int, help="default 8 (spec); Fashion-MNIST preset: --steps 10000")
+    f.add_argument("--steps", type=_positive_int, help="total steps (overrides --epochs)")
+    f.add_argument("--batch-size", type=_positive_int, help="default 8")
+    f.add_argument("--lr", type=float, help="default 1e-3")
+    f.add_argument("--ema-decay", type=float, help="default 0.9999")
+    f.add_argument("--lambda-pos", type=float, help="representativeness weight (default 0.002)")
+    f.add_argument("--lambda-neg", type=float, help="diversity weight (default 0.008)")
+    f.add_argument("--memory-size", type=_positive_int, help="default 64")
+    f.add_argument("--finetune-ipc", type=_positive_int, help="images per class (default: all)")
+    f.add_argument("--phase-size", type=_positive_int, help="classes per model above --max-classes (default 10)")
+    f.add_argument("--max-classes", type=_positive_int, help="most classes in one model (default 20)")
+    f.add_argument("--seed", type=int)
+    f.add_argument("--ckpt-every", type=_positive_int)
+    f.add_argument("--log-every", type=_positive_int)
+    f.add_argument("--device", help="cuda or cpu (default: cuda when available; --local only)")
+    f.add_argument("--local", action="store_true", help="run in this process, without Ray or MLflow")
+    f.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    f.add_argument("--root", default="runs", help="holds mlflow.db (default ./runs)")
+    f.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")
     sub.add_parser("pretrain", help="pretrain the built-in Fashion-MNIST VAE + DiT (see --help)", add_help=False)
     return ap
 
@@ -293,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_surrogate(a)
         if a.command == "modes":
             return cmd_modes(a)
+        if a.command == "finetune":
+            return cmd_finetune(a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,30 @@ METHOD_TERMS["mgd3"] = _mgd3_terms
 METHOD_TERMS["igd"] = _igd_terms
 METHOD_TERMS["mgd3+igd"] = lambda cfg, runner: _mgd3_terms(cfg, runner) + _igd_terms(cfg, runner)
 GENERATIVE.update({"mgd3", "igd", "mgd3+igd"})
-WHOLE_CLASS = {"igd", "mgd3+igd"}  # per-class sequential state (IGD's deviation memory): one shard per class
+
+
+def _minimax_terms(cfg: DistillConfig, runner) -> list:
+    """Minimax (spec 1.4): plain sampling from the fine-tuned EMA (loaded by ``load_generator``); no guidance term.
+    Checks that the fine-tune covers every selected class (phases route each class to its own model)."""
+    router = getattr(runner.generator, "router", None)
+    if router is not None:
+        router.check_covers([runner.ds.dit_labels[c] for c in selected_labels(cfg, runner.ds)])
+    return []
+
+
+def _minimax_igd_terms(cfg: DistillConfig, runner) -> list:
+    """Minimax-IGD (spec 2.1 step 4): IGD's terms with the Minimax presets, on the fine-tuned model."""
+    from raydistill.guidance.influence import igd_terms_from_config
+
+    return _minimax_terms(cfg, runner) + igd_terms_from_config(cfg, runner.ds, runner.generator.codec,
+                                                               selected_labels(cfg, runner.ds), base="minimax")
+
+
+METHOD_TERMS["minimax"] = _minimax_terms
+METHOD_TERMS["minimax-igd"] = _minimax_igd_terms
+METHOD_TERMS["minimax+mgd3"] = lambda cfg, runner: _minimax_terms(cfg, runner) + _mgd3_terms(cfg, runner)
+GENERATIVE.update({"minimax", "minimax-igd", "minimax+mgd3"})
+WHOLE_CLASS = {"igd", "mgd3+igd", "minimax-igd"}  # per-class sequential state (IGD's deviation memory)
 
 
 def open_dataset(cfg: DistillConfig) -> ClassDataset:

@@ -17,6 +17,7 @@ from raydistill.diffusion.sampler import SamplerConfig, dit_denoiser, image_seed
 from raydistill.diffusion.schedule import Schedule
 from raydistill.errors import UserError
 from raydistill.guidance.base import GuidanceTerm
+from raydistill.minimax import MINIMAX_METHODS
 from raydistill.models.dit import dit_config_of, load_dit
 from raydistill.models.vae import LatentCodec, load_vae
 from raydistill.outputs import to_uint8
@@ -34,6 +35,7 @@ class Generator:
     sampler: SamplerConfig
     dit_labels: list[int]  # subset label -> model label
     device: torch.device
+    router: object | None = None  # Minimax phases: a raydistill.minimax.PhaseRouter (one fine-tune per class chunk)
 
     @property
     def null_label(self) -> int:
@@ -51,6 +53,24 @@ class Generator:
                        terms: Sequence[GuidanceTerm] = (), progress: Callable[[int], None] | None = None
                        ) -> torch.Tensor:
         """Latents [B, C, h, w] of images ``indices`` of subset classes ``labels``."""
+        if self.router is not None:  # Minimax phases: each class is sampled by the model fine-tuned on it
+            groups = self.router.groups([self.dit_labels[int(c)] for c in labels])
+            if len(groups) > 1:  # per-image seeds make each image independent of its batch
+                parts = [(rows, self._sample_phase(phase, [labels[r] for r in rows], [indices[r] for r in rows],
+                                                   seed, terms, progress)) for phase, rows in groups]
+                out = torch.empty(len(labels), *self.latent_shape, device=parts[0][1].device)
+                for rows, z in parts:
+                    out[rows] = z
+                return out
+            self.router.activate(groups[0][0])
+        return self._sample(labels, indices, seed, terms, progress)
+
+    def _sample_phase(self, phase, labels, indices, seed, terms, progress) -> torch.Tensor:
+        self.router.activate(phase)
+        return self._sample(labels, indices, seed, terms, progress)
+
+    def _sample(self, labels: Sequence[int], indices: Sequence[int], seed: int, terms: Sequence[GuidanceTerm],
+                progress: Callable[[int], None] | None) -> torch.Tensor:
         cls = torch.as_tensor(list(labels), dtype=torch.long)
         y = torch.as_tensor([self.dit_labels[int(c)] for c in labels], dtype=torch.long)
         return sample(dit_denoiser(self.dit), self.schedule, y, self.seeds(labels, indices, seed), self.latent_shape,
@@ -88,7 +108,13 @@ def load_generator(cfg: DistillConfig, dit_labels: list[int], image_size: int,
     """Load DiT + VAE for ``cfg`` and check that every class label fits the model."""
     device = torch.device(device) if device is not None else default_device()
     dit_path, vae_path = resolve_model_paths(cfg)
-    dit = load_dit(dit_path, size=cfg.model_size, device=device)
+    router = None
+    if cfg.method in MINIMAX_METHODS:  # the DiffFit fine-tune (its EMA), routed per class phase
+        from raydistill.minimax import load_minimax_dit
+
+        dit, router = load_minimax_dit(cfg, dit_path, device)
+    else:
+        dit = load_dit(dit_path, size=cfg.model_size, device=device)
     num_classes = int(dit.config.num_embeds_ada_norm)
     bad = [y for y in dit_labels if not 0 <= y < num_classes]
     if bad:
@@ -103,4 +129,4 @@ def load_generator(cfg: DistillConfig, dit_labels: list[int], image_size: int,
         cfg_channels = 3  # DiT-XL/2's forward_with_cfg quirk (spec 0.1), needed to reproduce published numbers
     sampler = SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels)
     return Generator(dit=dit, codec=codec, schedule=Schedule.linear(1000, cfg.steps), sampler=sampler,
-                     dit_labels=list(dit_labels), device=device)
+                     dit_labels=list(dit_labels), device=device, router=router)

@@ -39,7 +39,8 @@ def run_surrogate_job(data: dict, out: str, cfg, select: bool = True, grad_ipc: 
         import ray
 
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # the CPUs of the largest node: a task cannot span nodes (the cluster total may never be schedulable)
+        cpus = max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
         log(f"training the surrogate trajectory in {out} on {'a GPU' if gpus else f'{cpus} CPU(s)'}")
         task = ray.remote(num_gpus=gpus, num_cpus=1 if gpus else cpus)(_train)
         return ray.get(task.remote(data, str(Path(out).resolve()), asdict(cfg), select, grad_ipc,
