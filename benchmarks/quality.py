@@ -5,6 +5,11 @@ Resumable at the granularity of one net: results accumulate in a JSON file (defa
 Distilled sets are cached under ``--root`` (same settings -> resumed, see raydistill.outputs).
 
     python benchmarks/quality.py --methods random,dit --ipc 10 --preset dc --nets 5
+    python benchmarks/quality.py --table-only --plot docs/quality.png     # table + bar plot from the results
+
+Run several in parallel with different ``--results benchmarks/results/quality-NAME.json``: the table and plot
+merge every ``quality*.json`` in that folder. Every set's mode coverage (raydistill.coverage) is stored next to its accuracies. Method parameters can be given as
+``--set KEY=VALUE`` (applied to every method; keys a method does not use are ignored by it).
 """
 
 from __future__ import annotations
@@ -36,16 +41,25 @@ def main() -> None:
     ap.add_argument("--root", default="runs/bench")
     ap.add_argument("--results", default="benchmarks/results/quality.json")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (YAML value)")
+    ap.add_argument("--tag", default="", help="suffix of the set folder and result keys (e.g. for --set variants)")
+    ap.add_argument("--no-coverage", dest="coverage", action="store_false")
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--plot", help="write a bar plot of the table to this PNG")
     a = ap.parse_args()
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in a.set)}
     if a.threads:
         torch.set_num_threads(a.threads)
     res_path = Path(a.results)
     res_path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
-    for ipc in [int(v) for v in a.ipc.split(",")]:
+    for ipc in [] if a.table_only else [int(v) for v in a.ipc.split(",")]:
         for method in a.methods.split(","):
-            cfg = DistillConfig(method=method, ipc=ipc, seed=a.seed, baselines=(),
-                                out=str(Path(a.root) / f"{method}-ipc{ipc}-seed{a.seed}"))
+            name = method + a.tag
+            cfg = DistillConfig(method=method, ipc=ipc, seed=a.seed, baselines=(), extra=extra,
+                                out=str(Path(a.root) / f"{name}-ipc{ipc}-seed{a.seed}"))
             t0 = time.time()
             tag = f"{method} ipc{ipc}"
             made = distill_local(cfg, progress=lambda m, tag=tag: print(f"  [{tag}] {m}", flush=True))
@@ -53,8 +67,18 @@ def main() -> None:
                   flush=True)
             ds = open_dataset(cfg)
             x, y = load_distilled(cfg.out, ds, selected_labels(cfg, ds), ipc=ipc)
+            cov_key = f"{name}|ipc{ipc}|set{a.seed}"
+            if a.coverage and cov_key not in results.setdefault("coverage", {}):
+                from raydistill.distill import coverage_of_set
+
+                cov = coverage_of_set(cfg, cfg.out)
+                results["coverage"][cov_key] = {"mode_coverage": cov["mode_coverage"],
+                                                "mode_distance": cov["mode_distance"]}
+                atomic_write_text(res_path, json.dumps(results, indent=1))
+                print(f"[{name} ipc{ipc}] mode coverage {cov['mode_coverage']:.3f}, distance "
+                      f"{cov['mode_distance']:.3f}", flush=True)
             for i in range(a.nets):
-                key = f"{method}|ipc{ipc}|{a.preset}|{a.net}|epochs{a.epochs}|set{a.seed}|net{i}"
+                key = f"{name}|ipc{ipc}|{a.preset}|{a.net}|epochs{a.epochs}|set{a.seed}|net{i}"
                 if key in results["runs"]:
                     continue
                 r = evaluate_images(x, y, ds, a.preset, a.net, 1, seed=1000 * a.seed + i, epochs=a.epochs)
@@ -63,22 +87,75 @@ def main() -> None:
                 results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, " \
                                      f"threads {torch.get_num_threads()}"
                 atomic_write_text(res_path, json.dumps(results, indent=1))
-                print(f"[{method} ipc{ipc} {a.preset}] net {i + 1}/{a.nets}: {r.reported_mean:.2f}% "
+                print(f"[{name} ipc{ipc} {a.preset}] net {i + 1}/{a.nets}: {r.reported_mean:.2f}% "
                       f"({r.seconds:.0f} s)", flush=True)
-    print_table(results)
+    merged = merged_results(res_path.parent)  # every quality*.json beside it (runs written by parallel processes)
+    print_table(merged)
+    if a.plot:
+        plot(merged, a.plot)
+
+
+def merged_results(folder: Path) -> dict:
+    """The union of ``quality*.json`` in ``folder``: parallel runs write separate files (``--results``)."""
+    out: dict = {"runs": {}, "coverage": {}}
+    for f in sorted(folder.glob("quality*.json")):
+        r = json.loads(f.read_text())
+        out["runs"].update(r.get("runs", {}))
+        out["coverage"].update(r.get("coverage", {}))
+    return out
+
+
+def _groups(results: dict) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = {}
+    for key, r in results["runs"].items():
+        groups.setdefault(key.rsplit("|", 1)[0], []).append(r["last"] if r["report"] == "last" else r["best"])
+    return groups
+
+
+def plot(results: dict, path: str) -> None:
+    """Bar plot: mean accuracy +- std per method, one group of bars per (IPC, preset)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(results)
+    settings = sorted({(int(g.split("|")[1][3:]), g.split("|")[2]) for g in groups})
+    methods = sorted({g.split("|")[0] for g in groups})
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 1.0 * len(methods) * len(settings)), 4))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs, ms, ss = [], [], []
+        for i, (ipc, preset) in enumerate(settings):
+            accs = [v for g, v in groups.items() if g.split("|")[0] == m and g.split("|")[1] == f"ipc{ipc}"
+                    and g.split("|")[2] == preset]
+            if accs:
+                xs.append(i + j * width)
+                ms.append(statistics.mean(accs[0]))
+                ss.append(statistics.pstdev(accs[0]) if len(accs[0]) > 1 else 0.0)
+        ax.bar(xs, ms, width, yerr=ss, label=m, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], [f"IPC {i} / {p}" for i, p in settings])
+    lo = min((statistics.mean(v) for v in groups.values()), default=0)
+    ax.set_ylim(max(0, lo - 10), None)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST, ConvNet-3 trained on the distilled set")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
 
 
 def print_table(results: dict) -> None:
-    groups: dict[str, list[float]] = {}
-    for key, r in results["runs"].items():
-        group = key.rsplit("|", 1)[0]
-        groups.setdefault(group, []).append(r["last"] if r["report"] == "last" else r["best"])
-    print(f"\n{'method':<12} {'IPC':>4} {'preset':<6} {'net':<8} {'nets':>4}  accuracy")
-    for group, accs in sorted(groups.items()):
-        method, ipc, preset, net, _, _ = group.split("|")
+    cov = results.get("coverage", {})
+    print(f"\n{'method':<14} {'IPC':>4} {'preset':<6} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
+          f"{'distance':>8}")
+    for group, accs in sorted(_groups(results).items()):
+        method, ipc, preset, net, _, set_seed = group.split("|")
         std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-        mean = statistics.mean(accs)
-        print(f"{method:<12} {ipc[3:]:>4} {preset:<6} {net:<8} {len(accs):>4}  {mean:.2f} +- {std:.2f}")
+        c = cov.get(f"{method}|{ipc}|{set_seed}")
+        c_txt = f"{c['mode_coverage']:>8.2f} {c['mode_distance']:>8.2f}" if c else f"{'-':>8} {'-':>8}"
+        print(f"{method:<14} {ipc[3:]:>4} {preset:<6} {net:<8} {len(accs):>4}  "
+              f"{statistics.mean(accs):6.2f} +- {std:4.2f}  {c_txt}")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def _preflight(cfg, root: str, overwrite: bool) -> None:
     selected_labels(cfg, ds)
     _check_eval(cfg, ds)
     sets = set_configs(cfg, root)  # the same folders as run_main_job
-    if any(m in GENERATIVE for m in sets):
+    if any(m in GENERATIVE or m == "herding" for m in sets):  # herding encodes with the VAE
         _check_model(cfg)
     if cfg.method in MINIMAX_METHODS:
         finetune_source(cfg)  # a missing or unfinished fine-tune fails here, not in a Ray actor

@@ -14,7 +14,7 @@ from typing import Any
 
 from raydistill.errors import UserError
 
-METHODS = ("random", "dit", "mgd3", "igd", "mgd3+igd", "minimax", "minimax-igd", "minimax+mgd3")
+METHODS = ("random", "herding", "dit", "mgd3", "igd", "mgd3+igd", "minimax", "minimax-igd", "minimax+mgd3")
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
 
 

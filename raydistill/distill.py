@@ -109,6 +109,33 @@ def random_real_indices(ds: ClassDataset, label: int, ipc: int, seed: int) -> np
     return pool[rng.choice(len(pool), size=ipc, replace=False)]
 
 
+def herding_indices(ds: ClassDataset, label: int, ipc: int, codec, max_pool: int | None = None) -> np.ndarray:
+    """Herding coreset (Welling 2009, as the DC benchmarks' "herding" baseline) of class ``label``: greedily add the
+    training image whose VAE latent (posterior mean) brings the running mean of the chosen latents closest to the
+    class mean. Deterministic; ``max_pool`` caps the candidates to the first images in natural order."""
+    from raydistill.modes import encode_images
+
+    pool = ds.indices("train", label)
+    if max_pool is not None:
+        pool = pool[:max_pool]
+    if len(pool) < ipc:
+        raise UserError(f"class {ds.class_names[label]!r} has {len(pool)} training images, fewer than IPC {ipc}",
+                        "lower --ipc")
+    feats = encode_images(codec, ds.read("train", pool)).flatten(1).double()  # [N, D]
+    mu = feats.mean(0)
+    chosen: list[int] = []
+    total = torch.zeros_like(mu)
+    available = torch.ones(len(pool), dtype=torch.bool)
+    for t in range(ipc):
+        gap = ((mu - (total[None] + feats) / (t + 1)) ** 2).sum(1)  # [N]
+        gap[~available] = float("inf")
+        j = int(gap.argmin())
+        chosen.append(j)
+        available[j] = False
+        total += feats[j]
+    return pool[np.asarray(chosen)]
+
+
 class ShardRunner:
     """Holds the heavy state (dataset, generator, guidance state) and turns shards into PNGs + manifest rows."""
 
@@ -117,6 +144,12 @@ class ShardRunner:
         self.ds = open_dataset(cfg)
         self.generator = None
         self.terms: list = []
+        self.codec = None
+        if cfg.method == "herding":
+            from raydistill.generator import resolve_model_paths
+            from raydistill.models.vae import load_vae
+
+            self.codec = load_vae(resolve_model_paths(cfg)[1], image_size=self.ds.image_size, device=device or "cpu")
         if cfg.method in GENERATIVE:
             from raydistill.generator import load_generator
 
@@ -128,6 +161,10 @@ class ShardRunner:
         cfg = self.cfg
         if cfg.method == "random":
             chosen = random_real_indices(self.ds, shard.class_label, cfg.ipc, cfg.seed)[shard.indices]
+            return self.ds.read("train", chosen), [int(i) for i in chosen]
+        if cfg.method == "herding":
+            chosen = herding_indices(self.ds, shard.class_label, cfg.ipc, self.codec,
+                                     cfg.extra.get("herding_pool"))[shard.indices]
             return self.ds.read("train", chosen), [int(i) for i in chosen]
         out = []
         batch = 1 if cfg.extra.get("igd_impl") == "reference" else cfg.batch_size  # the released code's batch 1

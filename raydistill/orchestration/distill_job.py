@@ -183,7 +183,7 @@ def format_table(reports: list[SetReport], preset: str) -> str:
     lines = [f"{'method':<10} {'IPC':>4} {'network':<10} {'accuracy (' + preset + ')':>20} {'images/s':>9} "
              f"{'coverage':>8} {'distance':>8}"]
     for r in reports:
-        rate = "real" if r.method == "random" else f"{r.images_per_s:.2f}"
+        rate = "real" if r.method in ("random", "herding") else f"{r.images_per_s:.2f}"
         cov = (f"{r.coverage['mode_coverage']:>8.2f} {r.coverage['mode_distance']:>8.2f}" if r.coverage
                else f"{'-':>8} {'-':>8}")
         if not r.evals:
