@@ -251,10 +251,19 @@ class Trajectory:
             batches += 1
         return (acc / batches).float().cpu()
 
-    def real_gradients(self, ds, label: int, epochs: Sequence[int], grad_ipc: int = 200) -> torch.Tensor:
-        """Class ``label``'s real gradients at ``epochs``: [len(epochs), P], cached under ``<dir>/real_grads``."""
+    def identity(self) -> str:
+        """A short hash of ``trajectory.json`` (settings, data, epochs done): keys caches of this trajectory."""
+        import hashlib
+
+        return hashlib.sha256((self.path / "trajectory.json").read_bytes()).hexdigest()[:16]
+
+    def real_gradients(self, ds, label: int, epochs: Sequence[int], grad_ipc: int = 200,
+                       cache_dir: str | Path | None = None) -> torch.Tensor:
+        """Class ``label``'s real gradients at ``epochs``: [len(epochs), P], cached under ``cache_dir`` (default
+        ``<trajectory>/real_grads``; a read-only trajectory such as the shipped one gets a cache elsewhere)."""
         key = f"e{'-'.join(str(int(e)) for e in epochs)}_n{grad_ipc}"
-        path = self.path / "real_grads" / key / f"c{int(label):04d}.safetensors"
+        root = Path(cache_dir) / self.identity() if cache_dir is not None else self.path / "real_grads"
+        path = root / key / f"c{int(label):04d}.safetensors"
         if path.exists():
             return _load_safetensors(path)["grads"]
         images, _ = ds.load("train", label=label, limit=grad_ipc)

@@ -267,8 +267,10 @@ def igd_terms_from_config(cfg, ds, codec, labels: list[int], base: str = "dit") 
     ``cfg.extra``: ``surrogate`` (trajectory folder; default: the built-in one for Fashion-MNIST), ``igd_epochs``
     (list, "similarity" = the trajectory's selection.json, or "preset" = spec 2.1's lists), ``igd_scale`` (k) and
     ``igd_gamma`` (default: :data:`IGD_PRESETS`), ``igd_window`` ([30, 45]), ``igd_grad_ipc`` (200), ``igd_memory``
-    (64), ``igd_impl`` ("fast" or "reference").
+    (64), ``igd_impl`` ("fast" or "reference"), ``igd_cache`` (real-gradient cache; default ``<out>/../.igd``).
     """
+    from pathlib import Path
+
     from raydistill.config import BUILTIN_MODEL
     from raydistill.guidance.mode import LazyClassModes
     from raydistill.surrogate import Trajectory, resolve_epochs
@@ -295,7 +297,8 @@ def igd_terms_from_config(cfg, ds, codec, labels: list[int], base: str = "dit") 
         raise UserError(f"igd_grad_ipc must be a positive integer, got {grad_ipc!r}", "the paper uses 200")
     impl = check_impl(ex.get("igd_impl", "fast"))
     memory = ex.get("igd_memory", 64)
-    real = LazyClassModes(labels, lambda c: traj.real_gradients(ds, c, epochs, grad_ipc))
+    cache = ex.get("igd_cache", str(Path(cfg.out).parent / ".igd") if cfg.out is not None else None)
+    real = LazyClassModes(labels, lambda c: traj.real_gradients(ds, c, epochs, grad_ipc, cache))
     influence = InfluenceGuidance(codec.decode, traj.net, [traj.params(e) for e in epochs], real, scale=k,
                                   window=window, impl=impl)
     return [DeviationGuidance(gamma=gamma, window=window, memory_size=memory, impl=impl), influence]
