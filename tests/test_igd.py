@@ -278,3 +278,21 @@ def test_igd_config_errors(gen, fmnist, traj):
     terms = igd_terms_from_config(DistillConfig(**base), fmnist, gen.codec, [0, 1])
     assert [t.name for t in terms] == ["igd-deviation", "igd-influence"]
     assert (terms[1].scale, terms[0].gamma) == igd_preset("fashion-mnist", 10)
+
+
+def test_distill_igd_end_to_end_and_window_outside_steps_is_refused(tiny_model, traj, tmp_path):
+    from raydistill.distill import distill_local
+
+    dit, vae = tiny_model
+    cfg = DistillConfig(method="igd", ipc=2, classes=("0",), model=str(dit), vae=str(vae), steps=10, batch_size=2,
+                        extra={"surrogate": str(traj.path), "igd_epochs": [0, 1], "igd_window": [3, 5],
+                               "igd_grad_ipc": 20}, out=str(tmp_path / "igd"))
+    res = distill_local(cfg)
+    assert len(res.rows) == 2 and res.rows[0]["method"] == "igd"
+    assert any((tmp_path / ".igd").rglob("c0000.safetensors"))  # real gradients cached beside the run
+    with pytest.raises(UserError, match="outside the respaced steps"):
+        distill_local(cfg.with_(extra={**cfg.extra, "igd_window": [30, 45]}, out=str(tmp_path / "igd2")))
+    with pytest.raises(UserError, match="split classes"):
+        from raydistill.distill import plan_shards
+
+        plan_shards(cfg, [0], shard_size=1)

@@ -292,6 +292,9 @@ def igd_terms_from_config(cfg, ds, codec, labels: list[int], base: str = "dit") 
     k = check_scale("igd_scale", ex.get("igd_scale", k_default))
     gamma = check_scale("igd_gamma", ex.get("igd_gamma", g_default))
     window = check_window(ex.get("igd_window", list(DEFAULT_WINDOW)))
+    if window[0] > cfg.steps - 1:
+        raise UserError(f"IGD's window {list(window)} lies outside the respaced steps 0..{cfg.steps - 1}",
+                        "sample with 50 steps, or pass --set igd_window=[low,high] within the steps")
     grad_ipc = ex.get("igd_grad_ipc", 200)
     if isinstance(grad_ipc, bool) or not isinstance(grad_ipc, int) or grad_ipc < 1:
         raise UserError(f"igd_grad_ipc must be a positive integer, got {grad_ipc!r}", "the paper uses 200")
