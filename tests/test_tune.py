@@ -124,6 +124,7 @@ def test_study_writes_parent_and_child_runs_sharing_state(studies, tiny_model) -
     for run_id in children["run_id"]:
         assert {"grid.png", "manifest.parquet"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert parent.iloc[0]["metrics.trials_completed"] == 2
+    assert all(u.startswith((root.resolve() / "mlartifacts").as_uri()) for u in runs["artifact_uri"])
 
     # the best configuration is a preset `distill --preset` takes; explicit flags override it
     from raydistill.cli import _config, build_parser

@@ -20,6 +20,12 @@ def _fmt(v: str) -> str:
         return v
 
 
+def _classes(r) -> str:
+    """'4cls' for a class subset, 'all' otherwise: accuracies on different subsets are not comparable."""
+    v = r.get("params.classes")
+    return f"{len(v.split(','))}cls" if isinstance(v, str) and v else "all"
+
+
 def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | None = None,
                  ipc: int | None = None, study: str | None = None) -> list[dict]:
     """One dict per run: method, dataset, ipc, kind, status, eval, key params, accuracy, std, images/s."""
@@ -52,7 +58,7 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
         row = {"run_id": r["run_id"], "method": r.get("params.method"), "dataset": r.get("params.dataset"),
                "ipc": int(r.get("params.ipc") or 0), "kind": kind, "study": r.get("tags.study") or "",
                "status": status if isinstance(status, str) else "completed",
-               "eval": f"{r.get('params.eval_preset')}/{r.get('params.eval_epochs') or 'full'}",
+               "eval": f"{r.get('params.eval_preset')}/{r.get('params.eval_epochs') or 'full'} {_classes(r)}",
                "params": {k.split(".")[-1]: _fmt(r[f"params.{k}"]) for k in KEY_PARAMS
                           if f"params.{k}" in r.index and isinstance(r[f"params.{k}"], str)},
                "acc": acc, "std": std, "images_per_s": float(r.get("metrics.images_per_s", float("nan")))}
@@ -65,7 +71,7 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
 
 def format_runs(rows: list[dict]) -> str:
     """The runs as a fixed-width table."""
-    head = (f"{'method':<11} {'dataset':<14} {'IPC':>4} {'kind':<8} {'status':<14} {'eval':<10} "
+    head = (f"{'method':<11} {'dataset':<14} {'IPC':>4} {'kind':<8} {'status':<14} {'eval':<14} "
             f"{'accuracy':>16} {'images/s':>9}  parameters")
     lines = [head]
     for r in rows:
@@ -73,7 +79,7 @@ def format_runs(rows: list[dict]) -> str:
         rate = "-" if r["images_per_s"] != r["images_per_s"] else f"{r['images_per_s']:.2f}"
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"{r['method']:<11} {r['dataset']:<14} {r['ipc']:>4} {r['kind']:<8} {r['status']:<14} "
-                     f"{r['eval']:<10} {r['acc']:>8.2f}{std:<8} {rate:>9}  {params}")
+                     f"{r['eval']:<14} {r['acc']:>8.2f}{std:<8} {rate:>9}  {params}")
     return "\n".join(lines)
 
 

@@ -201,7 +201,7 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from raydistill.orchestration.runtime import ray_session
-    from raydistill.orchestration.tracking import EXPERIMENT, _quiet, default_tracking_uri
+    from raydistill.orchestration.tracking import EXPERIMENT, _quiet, default_tracking_uri, set_experiment
     from raydistill.outputs import atomic_write_text
 
     tracking_uri = tracking_uri or default_tracking_uri(root)
@@ -210,8 +210,7 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
     study_dir.mkdir(parents=True, exist_ok=True)
     epochs = space.eval_epochs()
     _quiet()
-    mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.set_experiment(EXPERIMENT)
+    exp = set_experiment(tracking_uri, EXPERIMENT)
     base = space.base_config()
     with mlflow.start_run(run_name=f"study-{space.name}-{stamp}",
                           tags={"kind": "study", "study": space.name, "method": base.method,
