@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from pathlib import Path
 
 import pytest
@@ -97,8 +100,10 @@ evaluation: {eval_every: 5}
 """)
     with ray_session(num_cpus=2, num_gpus=0):
         a = run_study(load_space(mgd3), tmp / "runs", log=lambda m: None)
-        b = run_study(load_space(seeds), tmp / "runs", log=lambda m: None)
-    return tmp / "runs", a, b
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            assert main(["tune", str(seeds), "--root", str(tmp / "runs")]) == 0  # the command itself
+    (summary,) = (tmp / "runs" / "tune").glob("seeds-*/summary.json")
+    return tmp / "runs", a, {**json.loads(summary.read_text()), "printed": printed.getvalue()}
 
 
 def _runs(root: Path):
@@ -153,6 +158,8 @@ def test_asha_early_stopped_trials_are_marked(studies) -> None:
     assert set(stopped["tags.tune.stopped_by"]) == {"scheduler"}
     assert set(stopped["tags.trial_id"]) == set(summary["early_stopped"])
     assert summary["best"]["completed"] and Path(summary["preset"]).is_file()
+    table = summary["printed"].strip().splitlines()  # `raydistill tune` printed its trials, best first
+    assert table[-1].startswith("best configuration: ") and sum("early_stopped" in ln for ln in table) == len(stopped)
 
 
 def test_compare_prints_filters_and_plots(studies, tmp_path: Path, capsys) -> None:
