@@ -72,10 +72,17 @@ def test_bad_space_is_one_clear_error(tmp_path: Path, capsys, case: str) -> None
 
 
 @pytest.fixture(scope="module")
-def studies(tiny_model, tmp_path_factory):
+def ray_local():
+    from raydistill.orchestration.runtime import ray_session
+
+    with ray_session(num_cpus=2, num_gpus=0):
+        yield
+
+
+@pytest.fixture(scope="module")
+def studies(ray_local, tiny_model, tmp_path_factory):
     """Two tiny studies on one local Ray into one MLflow store: MGD3 on the tiny DiT (2 trials, shared state) and
     real random subsets over 6 seeds (their accuracies differ, so ASHA has something to stop)."""
-    from raydistill.orchestration.runtime import ray_session
     from raydistill.orchestration.tune_job import run_study
 
     tmp = tmp_path_factory.mktemp("tune")
@@ -98,10 +105,9 @@ budget: {num_samples: 1, max_concurrent: 1}
 scheduler: {name: asha, grace_period: 5, reduction_factor: 2}
 evaluation: {eval_every: 5}
 """)
-    with ray_session(num_cpus=2, num_gpus=0):
-        a = run_study(load_space(mgd3), tmp / "runs", log=lambda m: None)
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
-            assert main(["tune", str(seeds), "--root", str(tmp / "runs")]) == 0  # the command itself
+    a = run_study(load_space(mgd3), tmp / "runs", log=lambda m: None)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["tune", str(seeds), "--root", str(tmp / "runs")]) == 0  # the command itself
     (summary,) = (tmp / "runs" / "tune").glob("seeds-*/summary.json")
     return tmp / "runs", a, {**json.loads(summary.read_text()), "printed": printed.getvalue()}
 
@@ -185,3 +191,25 @@ def test_igd_space_without_surrogate_fails_before_ray(tmp_path: Path, capsys) ->
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no surrogate trajectory at" in err[0] and "nowhere" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_study_whose_every_trial_fails_is_one_error(ray_local, tiny_model, tmp_path: Path) -> None:
+    """A parameter the space cannot check (it is read when the trial builds its guidance) fails every trial."""
+    from raydistill.orchestration.tune_job import run_study
+
+    dit, vae = tiny_model
+    space = load_space(_space(tmp_path, f"""name: bad
+config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: mgd3, classes: ["0"], ipc: 1, steps: 2,
+          eval_epochs: 1}}
+params: {{t_stop: {{dist: choice, values: [late]}}}}
+budget: {{num_samples: 1}}
+"""))
+    expected = r"all 1 trials of study bad failed; the first: extra\.t_stop must be an int.*; fix extra\.t_stop in"
+    with pytest.raises(UserError, match=expected):
+        run_study(space, tmp_path / "runs", log=lambda m: None)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["raydistill"])
+    trial = runs[runs["tags.kind"] == "trial"]
+    assert list(trial["tags.tune.status"]) == ["error"] and list(trial["status"]) == ["FAILED"]

@@ -259,6 +259,16 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
         mlflow.log_metrics({"trials": len(rows), "trials_completed": len(done),
                             "trials_early_stopped": len(sched.stopped), "seconds": summary["seconds"]})
         atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    errors = [r.error for r in grid if r.error is not None]
+    if rows and len(errors) == len(rows):  # nothing ran: say why once instead of printing an empty table
+        from raydistill.errors import UserError
+        from raydistill.orchestration.distill_job import user_error_in
+
+        ue = user_error_in(errors[0])
+        first = ue.problem if ue is not None else str(errors[0]).strip().splitlines()[-1]
+        fix = ue.fix if ue is not None and ue.fix else "fix the space"
+        raise UserError(f"all {len(rows)} trials of study {space.name} failed; the first: {first}",
+                        f"{fix} (trial logs: {study_dir / 'ray'})")
     return summary
 
 
