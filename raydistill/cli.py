@@ -1,4 +1,4 @@
-"""``raydistill`` command line: distill, evaluate, surrogate, finetune, pretrain. Ray, MLflow and diffusers load lazily.
+"""``raydistill`` command line: distill, evaluate, tune, compare, modes, surrogate, finetune, pretrain (lazy imports).
 
 Bad input raises :class:`raydistill.errors.UserError`; ``main`` prints it as one line and exits with status 2.
 """
@@ -81,9 +81,32 @@ def _config(a: argparse.Namespace, **extra):
              if hasattr(a, k)]
     over = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     over.update(extra)
-    cfg = DistillConfig.from_yaml(a.config, **over) if a.config else DistillConfig.from_dict(over)
+    preset = _read_yaml(a.preset, "preset") if getattr(a, "preset", None) else {}
+    data = {**preset, **(_read_yaml(a.config, "config") if a.config else {})}
+    data["extra"] = {**(preset.get("extra") or {}), **(data.get("extra") or {})}
+    data.update(over)
+    cfg = DistillConfig.from_dict(data)
     sets = dict(getattr(a, "set", None) or [])
     return cfg.with_(extra={**cfg.extra, **sets}) if sets else cfg
+
+
+def _read_yaml(path: str, what: str) -> dict:
+    """A YAML mapping of config keys (``--config`` or ``--preset``), one clear error when it is not."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {p}", "pass an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
+    if not isinstance(data, dict) or not isinstance(data.get("extra", {}), dict):
+        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra: a mapping)",
+                        "see jobs/configs/*.yaml or a study's best.yaml")
+    return data
 
 
 def _check_eval(cfg, ds) -> None:
@@ -179,6 +202,60 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                             progress=_log)
         print(f"{net}: {r.reported_mean:.2f} +- {r.reported_std:.2f} ({r.report}, {r.num_nets} nets, "
               f"preset {r.preset})")
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from raydistill.tune_space import load_space
+
+    space = load_space(a.space, dict(a.set or []))
+    if a.num_samples is not None or a.time_budget is not None:
+        from dataclasses import replace
+
+        space = replace(space, num_samples=a.num_samples or space.num_samples,
+                        time_budget_s=a.time_budget or space.time_budget_s)
+    cfg = space.base_config()
+    from raydistill.distill import GENERATIVE, open_dataset, selected_labels
+
+    ds = open_dataset(cfg)
+    selected_labels(cfg, ds)
+    _check_eval(cfg, ds)
+    if cfg.method in GENERATIVE:
+        _check_model(cfg)
+    if "igd" in cfg.method:
+        _check_surrogate(cfg, ds)
+    from raydistill.orchestration.tune_job import format_summary, run_study
+
+    summary = run_study(space, a.root, address=a.address, tracking_uri=a.tracking_uri, log=_log)
+    print()
+    print(format_summary(summary, space.metric))
+    return 0
+
+
+def _check_surrogate(cfg, ds) -> None:
+    """Fail now, not in every trial, when IGD's surrogate trajectory is missing or was trained on other data."""
+    from raydistill.config import BUILTIN_MODEL
+    from raydistill.surrogate import Trajectory
+
+    path = cfg.extra.get("surrogate")
+    if path is None:
+        if ds.name != "fashion-mnist" or cfg.model is not None:
+            raise UserError("IGD needs a surrogate trajectory", "pass --set surrogate=PATH (`raydistill surrogate`)")
+        path = BUILTIN_MODEL / "surrogate"
+    Trajectory(path).check_dataset(ds)
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from raydistill.orchestration.compare import collect_runs, format_runs, plot_runs
+    from raydistill.orchestration.tracking import default_tracking_uri
+
+    uri = a.tracking_uri or default_tracking_uri(a.root)
+    rows = collect_runs(uri, method=a.method, dataset=a.dataset, ipc=a.ipc, study=a.study)
+    if not rows:
+        raise UserError(f"no runs with an accuracy match the filters in {uri}", "loosen --method/--dataset/--ipc")
+    print(format_runs(rows))
+    if a.plot:
+        print(plot_runs(rows, a.plot))
     return 0
 
 
@@ -289,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)")
     _add_common(d)
-    d.add_argument("--method", help="dit (default), random, mgd3, igd, mgd3+igd, minimax, minimax-igd, "
+    d.add_argument("--method", help="dit (default), random, herding, mgd3, igd, mgd3+igd, minimax, minimax-igd, "
                    "minimax+mgd3 (minimax*: --set finetune=DIR from `raydistill finetune`)")
+    d.add_argument("--preset", help="YAML of config keys incl. extra (e.g. a tune study's best.yaml); --config and "
+                   "flags override it")
     d.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="a method parameter (config extra:), e.g. --set igd_scale=5 --set t_stop=25; repeatable")
     d.add_argument("--baselines", type=_csv, help="comma-separated baselines evaluated alongside (default: random)")
@@ -316,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mode_method=gmm, mode_snap=true, modes_cache=PATH")
     m.add_argument("--root", default="runs", help="output root the distill run uses (default ./runs)")
     m.add_argument("--address", help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    t = sub.add_parser("tune", help="Ray Tune study over a method's guidance parameters (see tune_spaces/)")
+    t.add_argument("space", help="search space YAML, e.g. tune_spaces/mgd3.yaml")
+    t.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="override a fixed setting of the space's config (e.g. surrogate=PATH, ipc=5); repeatable")
+    t.add_argument("--num-samples", type=_positive_int, help="override budget.num_samples")
+    t.add_argument("--time-budget", type=_positive_int, help="override budget.time_budget_s (seconds)")
+    t.add_argument("--root", default="runs", help="output root: runs/tune/<study>-<time>, mlflow.db (default ./runs)")
+    t.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")
+    c = sub.add_parser("compare", help="table (and plot) of the MLflow runs: accuracy by method, dataset and IPC")
+    c.add_argument("--root", default="runs", help="output root holding mlflow.db (default ./runs)")
+    c.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")
+    c.add_argument("--method")
+    c.add_argument("--dataset")
+    c.add_argument("--ipc", type=_positive_int)
+    c.add_argument("--study", help="only the trials of this study name")
+    c.add_argument("--plot", help="write accuracy by method and IPC to this PNG (needs matplotlib)")
     s = sub.add_parser("surrogate", help="train IGD's surrogate trajectory and select its checkpoints")
     s.add_argument("--dataset", default="fashion-mnist")
     s.add_argument("--data-root")
@@ -385,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_modes(a)
         if a.command == "finetune":
             return cmd_finetune(a)
+        if a.command == "tune":
+            return cmd_tune(a)
+        if a.command == "compare":
+            return cmd_compare(a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)
         return 2

@@ -139,9 +139,12 @@ def herding_indices(ds: ClassDataset, label: int, ipc: int, codec, max_pool: int
 class ShardRunner:
     """Holds the heavy state (dataset, generator, guidance state) and turns shards into PNGs + manifest rows."""
 
-    def __init__(self, cfg: DistillConfig, device: str | torch.device | None = None) -> None:
+    def __init__(self, cfg: DistillConfig, device: str | torch.device | None = None, ds: ClassDataset | None = None,
+                 generator=None) -> None:
+        """``ds`` and ``generator`` may come already loaded (a Tune worker's cache); the guidance terms, which hold
+        the method parameters, are always built for ``cfg``."""
         self.cfg = cfg
-        self.ds = open_dataset(cfg)
+        self.ds = ds if ds is not None else open_dataset(cfg)
         self.generator = None
         self.terms: list = []
         self.codec = None
@@ -153,7 +156,7 @@ class ShardRunner:
         if cfg.method in GENERATIVE:
             from raydistill.generator import load_generator
 
-            self.generator = load_generator(cfg, self.ds.dit_labels, self.ds.image_size, device)
+            self.generator = generator or load_generator(cfg, self.ds.dit_labels, self.ds.image_size, device)
             self.terms = METHOD_TERMS[cfg.method](cfg, self)
 
     def images(self, shard: Shard) -> tuple[torch.Tensor, list[int]]:
@@ -198,11 +201,12 @@ class DistillResult:
 
 
 def distill_local(cfg: DistillConfig, overwrite: bool = False, device: str | None = None,
-                  progress: Callable[[str], None] | None = None, shard_size: int | None = None) -> DistillResult:
-    """Distill ``cfg`` in this process (no Ray): resumable, atomic per shard."""
+                  progress: Callable[[str], None] | None = None, shard_size: int | None = None,
+                  runner: ShardRunner | None = None) -> DistillResult:
+    """Distill ``cfg`` in this process (no Ray): resumable, atomic per shard. ``runner``: one built for ``cfg``."""
     if cfg.out is None:
         raise UserError("no output folder given", "set out in the config or pass --out")
-    runner = ShardRunner(cfg, device)
+    runner = runner if runner is not None else ShardRunner(cfg, device)
     labels = selected_labels(cfg, runner.ds)
     writer = DistilledSetWriter(cfg.out, runner.ds.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)
     shards = plan_shards(cfg, labels, shard_size)

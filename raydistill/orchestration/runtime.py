@@ -71,7 +71,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     elif os.environ.get("RAY_ADDRESS"):  # inside `ray job submit`: the job already carries the runtime_env
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=_level(quiet))
     else:
-        # address="local": always a new private Ray, even when `ray start` left a cluster running on this machine
+        # address="local": always a new private Ray; without it ray.init joins whatever local cluster another
+        # process started (it finds /tmp/ray/ray_current_cluster), and trials land on, and die with, that cluster.
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", runtime_env=runtime_env(), logging_level=_level(quiet))
     if quiet:

@@ -20,6 +20,25 @@ def default_tracking_uri(root: str | Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):
+    """Point MLflow at ``tracking_uri`` and make ``experiment`` active, creating it when missing.
+
+    A new experiment in a sqlite store keeps its artifacts in ``mlartifacts/`` next to the database; MLflow's default
+    (``./mlruns``) is relative to whatever directory the process happens to run in.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None and tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        try:
+            mlflow.create_experiment(experiment, artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
+        except MlflowException:  # created meanwhile by another process
+            pass
+    return mlflow.set_experiment(experiment)
+
+
 def _quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -36,8 +55,7 @@ def mlflow_run(tracking_uri: str, run_name: str, params: dict[str, str], experim
     import mlflow
 
     _quiet()  # after the import: mlflow configures its loggers when imported
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    set_experiment(tracking_uri, experiment)
     with mlflow.start_run(run_name=run_name, nested=nested, tags=tags or {}) as run:
         mlflow.log_params({k: (v if len(v) <= 6000 else v[:6000]) for k, v in params.items()})
         yield run

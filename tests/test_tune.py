@@ -1,0 +1,215 @@
+"""`raydistill tune` and `compare`: space files, a tiny real Ray Tune study tracked in a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydistill.cli import main
+from raydistill.config import METHODS
+from raydistill.errors import UserError
+from raydistill.tune_space import load_space
+from tests.conftest import needs_fmnist
+
+SPACES = sorted((Path(__file__).resolve().parents[1] / "tune_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_shipped_spaces_load_and_validate(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    if data["config"]["method"] not in METHODS:  # minimax-igd: its method is built in parallel
+        with pytest.raises(UserError, match=r"unknown method 'minimax-igd'"):
+            load_space(path)
+        return
+    space = load_space(path, {"surrogate": "/nowhere"})  # IGD's surrogate is only opened when a trial runs
+    cfg = space.base_config()
+    assert cfg.method == data["config"]["method"] and space.params and space.num_samples >= 12
+    assert space.scheduler["name"] == "asha" and 0 < space.eval_every < space.eval_epochs()
+    assert space.eval_epochs() == cfg.eval_epochs < 300  # a shortened dc evaluation
+    values = {p.name: (p.values[0] if p.values else p.high) for p in space.params}
+    assert {k: space.trial_config(values).extra.get(k) for k in values} == values
+
+
+def _space(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD = """name: t
+config: {method: mgd3, ipc: 2}
+params: {mode_scale: {dist: uniform, low: 0.0, high: 1.0}}
+"""
+BAD = {
+    "no params": ("name: t\nconfig: {method: mgd3}\n", r"params must map at least one parameter"),
+    "bad dist": (GOOD.replace("uniform", "gaussian"), r"params\.mode_scale needs dist: one of uniform"),
+    "low above high": (GOOD.replace("high: 1.0", "high: -1.0"), r"params\.mode_scale has low 0 and high -1"),
+    "unknown section": (GOOD + "bogus: 1\n", r"unknown section\(s\) bogus"),
+    "unknown method": (GOOD.replace("mgd3", "nosuch"), r"config: unknown method 'nosuch'"),
+    "unknown config key": (GOOD.replace("ipc: 2", "ipc: 2, colour: red"), r"unknown config key\(s\): colour"),
+    "bad scheduler": (GOOD + "scheduler: {name: pbt}\n", r"unknown scheduler 'pbt'"),
+    "bad samples": (GOOD + "budget: {num_samples: 0}\n", r"budget\.num_samples must be a positive integer"),
+    "not yaml": ("params: [1\n", r"not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_space_is_one_clear_error(tmp_path: Path, capsys, case: str) -> None:
+    text, pattern = BAD[case]
+    assert main(["tune", str(_space(tmp_path, text))]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raydistill: error: search space "), err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "; " in lines[0]  # problem; fix
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from raydistill.orchestration.runtime import ray_session
+
+    with ray_session(num_cpus=2, num_gpus=0):
+        yield
+
+
+@pytest.fixture(scope="module")
+def studies(ray_local, tiny_model, tmp_path_factory):
+    """Two tiny studies on one local Ray into one MLflow store: MGD3 on the tiny DiT (2 trials, shared state) and
+    real random subsets over 6 seeds (their accuracies differ, so ASHA has something to stop)."""
+    from raydistill.orchestration.tune_job import run_study
+
+    tmp = tmp_path_factory.mktemp("tune")
+    dit, vae = tiny_model
+    mgd3 = _space(tmp, f"""name: tiny-mgd3
+config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: mgd3, classes: ["0", "1"], ipc: 2,
+          steps: 6, batch_size: 2, eval_epochs: 2, num_evals: 1}}
+params:
+  mode_scale: {{dist: grid, values: [0.0, 3.0]}}
+  t_stop: {{dist: int, low: 0, high: 5}}
+budget: {{num_samples: 1, max_concurrent: 1}}
+evaluation: {{eval_every: 1}}
+""")
+    seeds = tmp / "seeds.yaml"
+    seeds.write_text("""name: seeds
+config: {dataset: digits, method: random, classes: ["0", "1", "2"], ipc: 1, eval_epochs: 20, num_evals: 1}
+params:
+  seed: {dist: grid, values: [0, 1, 2, 3, 4, 5]}
+budget: {num_samples: 1, max_concurrent: 1}
+scheduler: {name: asha, grace_period: 5, reduction_factor: 2}
+evaluation: {eval_every: 5}
+""")
+    a = run_study(load_space(mgd3), tmp / "runs", log=lambda m: None)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["tune", str(seeds), "--root", str(tmp / "runs")]) == 0  # the command itself
+    (summary,) = (tmp / "runs" / "tune").glob("seeds-*/summary.json")
+    return tmp / "runs", a, {**json.loads(summary.read_text()), "printed": printed.getvalue()}
+
+
+def _runs(root: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root.resolve() / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["raydistill"])
+
+
+def test_study_writes_parent_and_child_runs_sharing_state(studies, tiny_model) -> None:
+    import mlflow
+
+    root, summary, _ = studies
+    runs = _runs(root)
+    parent = runs[(runs["tags.kind"] == "study") & (runs["tags.study"] == "tiny-mgd3")]
+    children = runs[(runs["tags.kind"] == "trial") & (runs["tags.study"] == "tiny-mgd3")]
+    assert len(parent) == 1 and len(children) == 2 and not any(t["error"] for t in summary["trials"])
+    assert set(children["tags.mlflow.parentRunId"]) == {parent.iloc[0]["run_id"]}
+    assert sorted(float(v) for v in children["params.extra.mode_scale"]) == [0.0, 3.0]
+    assert set(children["params.method"]) == {"mgd3"} and set(children["tags.tune.status"]) == {"completed"}
+    assert all(0 <= a <= 100 for a in children["metrics.acc_dc_convnet_mean"])
+    assert sorted(children["metrics.shared_state_reused"]) == [0.0, 1.0]  # the 2nd trial reused DiT + VAE
+    for run_id in children["run_id"]:
+        assert {"grid.png", "manifest.parquet"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert parent.iloc[0]["metrics.trials_completed"] == 2
+    assert all(u.startswith((root.resolve() / "mlartifacts").as_uri()) for u in runs["artifact_uri"])
+
+    # the best configuration is a preset `distill --preset` takes; explicit flags override it
+    from raydistill.cli import _config, build_parser
+
+    best = yaml.safe_load(Path(summary["preset"]).read_text())
+    best_trial = max(summary["trials"], key=lambda t: t["accuracy"])
+    assert best["extra"]["mode_scale"] == best_trial["values"]["mode_scale"] and best["method"] == "mgd3"
+    assert "classes" not in best and "out" not in best
+    a = build_parser().parse_args(["distill", "--preset", summary["preset"], "--ipc", "3", "--set", "t_stop=7"])
+    cfg = _config(a)
+    assert cfg.ipc == 3 and cfg.extra["t_stop"] == 7 and cfg.extra["mode_scale"] == best["extra"]["mode_scale"]
+    assert cfg.model == str(tiny_model[0]) and cfg.dataset == "digits" and cfg.method == "mgd3"
+
+
+def test_asha_early_stopped_trials_are_marked(studies) -> None:
+    root, _, summary = studies
+    runs = _runs(root)
+    children = runs[(runs["tags.kind"] == "trial") & (runs["tags.study"] == "seeds")]
+    assert len(children) == 6
+    stopped = children[children["tags.tune.status"] == "early_stopped"]
+    done = children[children["tags.tune.status"] == "completed"]
+    assert len(stopped) + len(done) == 6 and len(done) >= 1
+    assert (done["metrics.stopped_at_epoch"] == 20).all() and (done["metrics.early_stopped"] == 0).all()
+    assert len(stopped) >= 1, f"ASHA stopped no trial: {summary['trials']}"
+    assert (stopped["metrics.stopped_at_epoch"] < 20).all() and (stopped["metrics.early_stopped"] == 1).all()
+    assert set(stopped["tags.tune.stopped_by"]) == {"scheduler"}
+    assert set(stopped["tags.trial_id"]) == set(summary["early_stopped"])
+    assert summary["best"]["completed"] and Path(summary["preset"]).is_file()
+    table = summary["printed"].strip().splitlines()  # `raydistill tune` printed its trials, best first
+    assert table[-1].startswith("best configuration: ") and sum("early_stopped" in ln for ln in table) == len(stopped)
+
+
+def test_compare_prints_filters_and_plots(studies, tmp_path: Path, capsys) -> None:
+    root = str(studies[0])
+    capsys.readouterr()
+    assert main(["compare", "--root", root, "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["method", "dataset", "IPC"]
+    assert sum(ln.startswith("mgd3 ") for ln in out) == 2 and sum(ln.startswith("random ") for ln in out) == 6
+    assert all("digits" in ln for ln in out[1:-1])
+    assert (tmp_path / "p.png").stat().st_size > 1000 or "matplotlib is not installed" in out[-1]
+    assert main(["compare", "--root", root, "--method", "random", "--ipc", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 7 and sum("early_stopped" in ln for ln in out) >= 1
+    assert main(["compare", "--root", root, "--method", "igd"]) == 2
+    assert "no runs with an accuracy match" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_igd_space_without_surrogate_fails_before_ray(tmp_path: Path, capsys) -> None:
+    space = str(Path(__file__).resolve().parents[1] / "tune_spaces" / "igd.yaml")
+    assert main(["tune", space, "--set", f"surrogate={tmp_path / 'nowhere'}", "--root", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no surrogate trajectory at" in err[0] and "nowhere" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_study_whose_every_trial_fails_is_one_error(ray_local, tiny_model, tmp_path: Path) -> None:
+    """A parameter the space cannot check (it is read when the trial builds its guidance) fails every trial."""
+    from raydistill.orchestration.tune_job import run_study
+
+    dit, vae = tiny_model
+    space = load_space(_space(tmp_path, f"""name: bad
+config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: mgd3, classes: ["0"], ipc: 1, steps: 2,
+          eval_epochs: 1}}
+params: {{t_stop: {{dist: choice, values: [late]}}}}
+budget: {{num_samples: 1}}
+"""))
+    expected = r"all 1 trials of study bad failed; the first: extra\.t_stop must be an int.*; fix extra\.t_stop in"
+    with pytest.raises(UserError, match=expected):
+        run_study(space, tmp_path / "runs", log=lambda m: None)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["raydistill"])
+    trial = runs[runs["tags.kind"] == "trial"]
+    assert list(trial["tags.tune.status"]) == ["error"] and list(trial["status"]) == ["FAILED"]
