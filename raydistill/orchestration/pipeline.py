@@ -6,10 +6,12 @@ manifest row); the driver groups rows by shard and commits a shard atomically wh
 outputs need no shared filesystem and a killed job resumes at the first uncommitted shard.
 
 Failures (docs/RELIABILITY.md): a sampler actor that dies (its process killed, its node lost) is restarted by Ray on
-any node with room, up to :data:`ACTOR_RESTARTS` times, and the shard it was working on is retried there (up to
-:data:`TASK_RETRIES` times). Ray Data's defaults are unbounded; bounded values make a sampler that crashes on every
-shard (say, out of memory) fail the job instead of looping. A retried shard may reach the driver twice: the driver
-keeps one row per image index and ignores shards it has already committed, so nothing is written twice.
+any node with room and the shard it was working on is retried there. That is Ray Data's default for actor pools
+(``max_restarts=-1``, ``max_task_retries=-1`` in ``ActorPoolMapOperator._apply_default_remote_args``, Ray 2.60);
+``map_batches`` has no named parameter for it and passing ``ray_remote_args`` is deprecated (warns, removed in
+2.64), so the defaults are kept and ``tests/test_reliability.py`` proves them. A retried shard may reach the driver
+twice: the driver keeps one row per image index and ignores shards it has already committed, so nothing is written
+twice, and it never finalizes a set with a shard missing.
 """
 
 from __future__ import annotations
@@ -24,9 +26,6 @@ import numpy as np
 from raydistill.config import DistillConfig
 from raydistill.distill import DistillResult, plan_shards, selected_labels, write_grid
 from raydistill.outputs import DistilledSetWriter, Shard
-
-ACTOR_RESTARTS = 4  # per sampler actor: each lost node or killed process costs one
-TASK_RETRIES = 4  # per shard: attempts after the first when its actor dies mid-shard
 
 
 class ShardSampler:
@@ -79,8 +78,7 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
         threads = threads_per_actor or max(1, int(round(cpus_per_actor)))
         mapped = data.map_batches(ShardSampler, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads},
                                   compute=ray.data.ActorPoolStrategy(size=pool_size), batch_size=1,
-                                  num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy",
-                                  max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES)
+                                  num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
         expected = {s.shard_id: len(s.indices) for s in todo}
         pending: dict[str, dict[int, tuple[dict, bytes]]] = {}  # shard -> image index -> (row, png)
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
