@@ -98,13 +98,14 @@ def _committed(out: Path) -> dict[str, tuple[int, int]]:
 
 def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: Path) -> None:
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    p = subprocess.run(_cli(tmp_path, tiny_model, ref), env=ENV, capture_output=True, text=True, timeout=400)
+    run = {"cwd": tmp_path, "env": ENV, "capture_output": True, "text": True, "timeout": 400}  # cwd: MLflow's ./mlruns
+    p = subprocess.run(_cli(tmp_path, tiny_model, ref), **run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "6 shards run, 0 resumed" in p.stdout
 
     log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(_cli(tmp_path, tiny_model, out), env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(_cli(tmp_path, tiny_model, out), cwd=tmp_path, env=ENV, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         while len(list((out / SHARDS_DIR).glob("*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
@@ -120,7 +121,7 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
     assert 2 <= done < 6, f"{done} shards committed when killed: the kill did not land mid-run"
     assert not (out / "manifest.parquet").exists()
 
-    p = subprocess.run(_cli(tmp_path, tiny_model, out), env=ENV, capture_output=True, text=True, timeout=400)
+    p = subprocess.run(_cli(tmp_path, tiny_model, out), **run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{6 - done} shards run, {done} resumed" in p.stdout  # the driver's own count of shards it made
     after = _committed(out)
@@ -137,7 +138,7 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
 def faults(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("faults")
     cmd = [sys.executable, "-m", "tests.cluster_faults", str(root), str(tiny_model[0]), str(tiny_model[1])]
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, start_new_session=True)
+    p = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return root, json.loads((root / "report.json").read_text())
 
@@ -200,7 +201,8 @@ def test_full_disk_is_one_line_and_keeps_committed_shards(tmp_path: Path) -> Non
            "--out", str(disk / "set")]
     script = (f"mount -t tmpfs -o size=48k tmpfs {disk} && {' '.join(cli)} 2>{tmp_path / 'err'}; "
               f"echo rc=$?; {sys.executable} -c '{CHECK}' {disk / 'set'}")
-    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=ENV, capture_output=True, text=True, timeout=400)
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=400)
     rc = int(re.search(r"rc=(\d+)", p.stdout).group(1))
     state = json.loads(p.stdout.strip().splitlines()[-1])
     err = (tmp_path / "err").read_text()
