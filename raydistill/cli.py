@@ -156,13 +156,15 @@ def _preflight_data(cfg) -> None:
 
 
 def _preflight(cfg, root: str, overwrite: bool) -> None:
-    """Everything a distill run can check before Ray starts: the dataset and classes, the evaluation settings, the
-    model files, and that every output folder may take its set. Reads only."""
-    from raydistill.distill import GENERATIVE, open_dataset, selected_labels
+    """Everything a distill run can check before Ray starts: the method parameters, the dataset and classes, the
+    evaluation settings, the model files, and that every output folder may take its set (and, when resumed, that
+    its committed shards are intact). Reads only."""
+    from raydistill.distill import GENERATIVE, check_method_params, open_dataset, selected_labels
     from raydistill.minimax import MINIMAX_METHODS, finetune_source
     from raydistill.orchestration.distill_job import set_configs
     from raydistill.outputs import check_output_dir
 
+    check_method_params(cfg)
     ds = open_dataset(cfg)
     selected_labels(cfg, ds)
     _check_eval(cfg, ds)

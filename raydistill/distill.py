@@ -71,6 +71,44 @@ GENERATIVE.update({"minimax", "minimax-igd", "minimax+mgd3"})
 WHOLE_CLASS = {"igd", "mgd3+igd", "minimax-igd"}  # per-class sequential state (IGD's deviation memory)
 
 
+IGD_PARAMS = {"surrogate", "igd_epochs", "igd_scale", "igd_gamma", "igd_window", "igd_grad_ipc", "igd_memory",
+              "igd_impl", "igd_cache"}
+MGD3_PARAMS = {"mode_scale", "t_stop", "mode_method", "mode_snap", "modes_cache"}
+OTHER_PARAMS = {"finetune", "herding_pool"}  # Minimax's fine-tune folder / .pt; herding's candidate cap
+
+
+def check_method_params(cfg: DistillConfig) -> None:
+    """Fail now, not in a Ray actor, on an unknown or badly typed method parameter (``extra:``, ``--set``)."""
+    from raydistill.guidance.influence import check_impl, check_scale, check_window
+    from raydistill.guidance.mode import _extra, _is_int, _is_number
+    from raydistill.modes import MODE_METHODS
+
+    ex = cfg.extra
+    known = IGD_PARAMS | MGD3_PARAMS | OTHER_PARAMS
+    unknown = sorted(set(ex) - known)
+    if unknown:
+        raise UserError(f"unknown method parameter(s): {', '.join(unknown)}",
+                        f"valid --set keys: {', '.join(sorted(known))}")
+    for key in ("igd_scale", "igd_gamma"):
+        if key in ex:
+            check_scale(key, ex[key])
+    if "igd_window" in ex:
+        check_window(ex["igd_window"])
+    if "igd_impl" in ex:
+        check_impl(ex["igd_impl"])
+    for key in ("igd_grad_ipc", "igd_memory"):
+        v = ex.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{key} must be a positive integer, got {v!r}", f"fix {key} in the config")
+    if "surrogate" in ex and cfg.method in WHOLE_CLASS and not Path(str(ex["surrogate"])).is_dir():
+        raise UserError(f"surrogate trajectory not found: {ex['surrogate']}",
+                        "train one with `raydistill surrogate --out PATH` and pass --set surrogate=PATH")
+    _extra(cfg, "mode_scale", 0.1, lambda v: _is_number(v) and v >= 0, "a number >= 0 (the paper uses 0.1)")
+    _extra(cfg, "t_stop", 25, _is_int, "an integer respaced index (the paper uses 25)")
+    _extra(cfg, "mode_method", "kmeans", lambda v: v in MODE_METHODS, f"one of {', '.join(MODE_METHODS)}")
+    _extra(cfg, "mode_snap", False, lambda v: isinstance(v, bool), "true or false")
+
+
 def open_dataset(cfg: DistillConfig) -> ClassDataset:
     return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase)
 

@@ -4,17 +4,22 @@ The PNG tree is the layout the official evaluation scripts read. Writing is shar
 PNGs are written under ``<out>/.staging/<shard>/`` and renamed into place, then its manifest rows are committed by
 renaming ``<out>/.shards/<shard>.parquet`` into place. A shard whose parquet exists is done and is never redone;
 the final ``manifest.parquet`` is the union of the shard files, itself written to a temporary file and renamed.
-``<out>/run.json`` records the generation settings' fingerprint, so a rerun resumes only the same settings.
+``<out>/run.json`` records the generation settings' fingerprint, so a rerun resumes only the same settings, and only
+when the committed part is intact (every shard manifest readable, every PNG matching its sha256, ``manifest.parquet``
+equal to the union of the shards): a set edited by hand is refused, not silently mixed. A full disk is a UserError
+that removes the half-written shard and keeps every committed one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +55,25 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@contextlib.contextmanager
+def disk_full_is_user_error(where: Path, cleanup: Sequence[Path] = ()) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT inside the block into a UserError after removing ``cleanup`` (half-written files)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        for p in cleanup:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise UserError(f"no space left on the device of {where} ({e.strerror})",
+                        "free some space and rerun the same command: finished shards are kept") from None
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with disk_full_is_user_error(path.parent, [tmp]):
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -84,10 +104,63 @@ def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False)
                 raise UserError(f"{out} holds a distilled set made with other settings",
                                 "choose another --out, or pass --overwrite to replace it")
             return True
+        damage = committed_damage(out)
+        if damage is not None:
+            if overwrite:
+                return True
+            raise UserError(f"{out}: {damage[0]}", damage[1])
     elif out.exists() and any(out.iterdir()) and not overwrite and not (out / SHARDS_DIR).exists():
         raise UserError(f"{out} exists and is not a raydistill output directory",
                         "choose another --out or pass --overwrite")
     return False
+
+
+def _row_path_ok(row: dict) -> bool:
+    """A manifest row's ``path`` is ``<safe class name>/<index>.png`` (so it cannot point outside the set)."""
+    try:
+        name, file = str(row["path"]).split("/")
+        return safe_class_name(name) == name and file == f"{int(row['index'])}.png"
+    except (UserError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _read_rows(f: Path) -> list[dict] | None:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(f).to_pylist()
+    except Exception:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for a damaged file
+        return None
+
+
+def committed_damage(out: str | Path) -> tuple[str, str] | None:
+    """(problem, fix) when the committed part of ``out`` changed after it was written, else None. Reads only.
+
+    Checked: each ``.shards/*.parquet`` reads and has sane rows, each PNG it lists exists with its sha256, and
+    ``manifest.parquet`` (when present) equals the union of the shards.
+    """
+    out = Path(out)
+    rows: list[dict] = []
+    for f in sorted((out / SHARDS_DIR).glob("*.parquet")):
+        shard_rows = _read_rows(f)
+        redo = f"delete {f} to make that shard again, or pass --overwrite"
+        if shard_rows is None:
+            return f"shard manifest {f.name} is not a readable parquet file (edited by hand?)", redo
+        for r in shard_rows:
+            if not _row_path_ok(r) or not isinstance(r.get("sha256"), str) or not isinstance(r.get("label"), int):
+                return f"shard manifest {f.name} has a malformed row (edited by hand?)", redo
+            png = out / r["path"]
+            if not png.is_file() or sha256(png.read_bytes()) != r["sha256"]:
+                return (f"{r['path']} is missing or does not match its sha256 in {SHARDS_DIR}/{f.name} "
+                        "(edited by hand?)", redo)
+        rows.extend(shard_rows)
+    manifest = out / MANIFEST
+    if manifest.exists():
+        got = _read_rows(manifest)
+        if got != sorted(rows, key=lambda r: (r["label"], r["index"])):
+            return (f"{MANIFEST} does not match the shard manifests in {SHARDS_DIR} (edited by hand?)",
+                    f"delete {manifest} to rebuild it from {SHARDS_DIR}, or pass --overwrite")
+    return None
 
 
 @dataclass
@@ -113,8 +186,9 @@ class DistilledSetWriter:
             self._clear()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SHARDS_DIR).mkdir(exist_ok=True)
-        atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1,
-                                               default=str))
+        text = json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1, default=str)
+        if not run_file.exists() or run_file.read_text() != text:  # a resume touches nothing
+            atomic_write_text(run_file, text)
 
     def _clear(self) -> None:
         for child in self.out.iterdir():
@@ -125,29 +199,28 @@ class DistilledSetWriter:
 
     def commit(self, shard_id: str, rows: list[dict], pngs: list[bytes]) -> None:
         """Write one shard's PNGs and manifest rows atomically (rows carry ``class_name`` and ``index``)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         stage = self.out / STAGING_DIR / shard_id
-        if stage.exists():
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True)
+        tmp = self.out / SHARDS_DIR / f".{shard_id}.parquet.tmp"
         for row, data in zip(rows, pngs):
             row["path"] = f"{safe_class_name(row['class_name'])}/{int(row['index'])}.png"
             row["sha256"] = sha256(data)
-            (stage / f"{row['class_name']}__{row['index']}.png").write_bytes(data)
-        for row in rows:
-            dest = self.out / row["path"]
-            dest.parent.mkdir(exist_ok=True)
-            os.replace(stage / f"{row['class_name']}__{row['index']}.png", dest)
-        shutil.rmtree(stage, ignore_errors=True)
-        tmp = self.out / SHARDS_DIR / f".{shard_id}.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, self.out / SHARDS_DIR / f"{shard_id}.parquet")
+        # on a full disk: drop this shard's staged, moved and temporary files; committed shards stay as they were
+        with disk_full_is_user_error(self.out, [stage, tmp] + [self.out / r["path"] for r in rows]):
+            if stage.exists():
+                shutil.rmtree(stage)
+            stage.mkdir(parents=True)
+            for row, data in zip(rows, pngs):
+                (stage / f"{row['class_name']}__{row['index']}.png").write_bytes(data)
+            for row in rows:
+                dest = self.out / row["path"]
+                dest.parent.mkdir(exist_ok=True)
+                os.replace(stage / f"{row['class_name']}__{row['index']}.png", dest)
+            shutil.rmtree(stage, ignore_errors=True)
+            tmp.write_bytes(_parquet_bytes(rows))
+            os.replace(tmp, self.out / SHARDS_DIR / f"{shard_id}.parquet")
 
     def finalize(self) -> list[dict]:
         """Merge the shard manifests into ``manifest.parquet`` (sorted by label, index); returns the rows."""
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows: list[dict] = []
@@ -155,10 +228,21 @@ class DistilledSetWriter:
             rows.extend(pq.read_table(f).to_pylist())
         rows.sort(key=lambda r: (r["label"], r["index"]))
         tmp = self.out / f".{MANIFEST}.tmp"
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, self.out / MANIFEST)
+        with disk_full_is_user_error(self.out, [tmp]):
+            tmp.write_bytes(_parquet_bytes(rows))
+            os.replace(tmp, self.out / MANIFEST)
         shutil.rmtree(self.out / STAGING_DIR, ignore_errors=True)
         return rows
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    """Rows as a parquet file in memory: written with Python's own I/O, a full disk raises OSError(ENOSPC)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue().to_pybytes()
 
 
 def read_manifest(out: str | Path) -> list[dict]:
@@ -175,8 +259,10 @@ def verify_set(out: str | Path) -> list[str]:
     out = Path(out)
     problems = []
     for row in read_manifest(out):
-        f = out / row["path"]
-        if not f.exists():
+        f = out / str(row["path"])
+        if not _row_path_ok(row):
+            problems.append(f"bad path {row['path']!r}")
+        elif not f.exists():
             problems.append(f"missing {row['path']}")
         elif sha256(f.read_bytes()) != row["sha256"]:
             problems.append(f"checksum mismatch {row['path']}")

@@ -87,6 +87,62 @@ def _yaml(tmp: Path, text: str) -> Path:
     return p
 
 
+class _Evil:
+    """Unpickling this runs ``os.mkdir(marker)``: the proof that a checkpoint would execute code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _evil_pt(tmp: Path) -> Path:
+    pt = tmp / "evil.pt"
+    torch.save({"model": _Evil(tmp / "code-ran")}, pt)
+    return pt
+
+
+def _junk(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def _edited(tmp: Path, how: str) -> Path:
+    """A finished random set (seed 0, classes 0,1, IPC 3) under ``tmp/set``, then changed by hand ``how``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = _random_set(tmp / "set", seed=0)
+    shard = out / ".shards" / "c0001-i00000.parquet"
+    if how == "png":
+        (out / "trouser" / "1.png").write_bytes(png_bytes(torch.zeros(1, 28, 28, dtype=torch.uint8)))
+    elif how == "shard path":
+        rows = pq.read_table(shard).to_pylist()
+        rows[0]["path"] = "../../escaped.png"
+        pq.write_table(pa.Table.from_pylist(rows), shard)
+    elif how == "shard garbage":
+        shard.write_bytes(b"PAR1 not really")
+    elif how == "manifest":
+        rows = pq.read_table(out / "manifest.parquet").to_pylist()
+        pq.write_table(pa.Table.from_pylist(rows[1:]), out / "manifest.parquet")
+    return out
+
+
+def _folder(tmp: Path, bad_class: str) -> Path:
+    root = tmp / "folder"
+    for name in ("cat", bad_class):
+        (root / "train" / name).mkdir(parents=True)
+        (root / "train" / name / "0.png").write_bytes(png_bytes(torch.zeros(3, 8, 8, dtype=torch.uint8)))
+    return root
+
+
+def _resume(t: Path, how: str) -> tuple[list[str], Path]:
+    """The command that made ``_edited``'s set, rerun on it after the hand edit."""
+    out = _edited(t, how)
+    return _distill(t, "--method", "random", "--seed", "0", "--out", str(out)), out
+
+
 # Each case: (tmp, tiny model) -> (argv, folder that must stay byte-identical or None), and a regex for the line.
 Case = Callable[[Path, tuple], tuple[list[str], Path | None]]
 CASES: dict[str, tuple[Case, str]] = {
@@ -150,9 +206,80 @@ CASES: dict[str, tuple[Case, str]] = {
     "evaluate eval preset nosuch": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F,
                                                    "--classes", "0,1", "--eval-preset", "nosuch"], t / "set"),
                                     r"unknown evaluation preset 'nosuch'"),
+    # method parameters (--set / extra:), windows and weights: refused before Ray starts
+    "igd window reversed": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_window=[45,30]"), None),
+                            r"guidance window must be two integers \[low, high\] with low <= high, got \[45, 30\]"),
+    "igd window not a pair": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_window=30"), None),
+                              r"guidance window must be two integers"),
+    "igd scale negative": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_scale=-5"), None),
+                           r"igd_scale must be a finite number >= 0, got -5"),
+    "igd gamma not a number": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_gamma=lots"), None),
+                               r"igd_gamma must be a finite number >= 0, got 'lots'"),
+    "igd grad ipc 0": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_grad_ipc=0"), None),
+                       r"igd_grad_ipc must be a positive integer, got 0"),
+    "igd surrogate missing": (lambda t, m: (_distill(t, "--method", "igd", "--set", f"surrogate={t / 'traj'}"),
+                                            None), r"surrogate trajectory not found: .*traj"),
+    "mgd3 mode method nosuch": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "mode_method=spectral"), None),
+                                r"extra\.mode_method must be one of kmeans, gmm, got 'spectral'"),
+    "mode scale negative": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "mode_scale=-0.1"), None),
+                            r"extra\.mode_scale must be a number >= 0"),
+    "unknown --set key": (lambda t, m: (_distill(t, "--set", "igd_windw=[30,45]"), None),
+                          r"unknown method parameter\(s\): igd_windw"),
+    "--set without =": (lambda t, m: (_distill(t, "--set", "igd_window"), None), r"expected KEY=VALUE"),
+    "config igd window reversed": (
+        lambda t, m: (["distill", "--config", str(_yaml(t, "method: igd\nextra: {igd_window: [45, 30]}\n"))], t),
+        r"guidance window must be two integers"),
+    "config ipc not a number": (lambda t, m: (["distill", "--config", str(_yaml(t, "ipc: ten\n"))], t),
+                                r"IPC must be a positive integer, got 'ten'"),
+    "config cfg weight negative": (lambda t, m: (["distill", "--config", str(_yaml(t, "cfg_scale: -2\n"))], t),
+                                   r"cfg_scale must be >= 0, got -2"),
+    "config classes nosuch": (lambda t, m: (["distill", "--data-root", F, "--config",
+                                             str(_yaml(t, "classes: [trouser, nosuch]\n"))], t),
+                              r"unknown class 'nosuch'"),
+    "image size 0": (lambda t, m: (_distill(t, "--image-size", "0"), None), r"--image-size: must be a positive"),
+    # checkpoint files: read without executing code
+    "checkpoint is an unsafe pickle": (
+        lambda t, m: (_distill(t, "--model", str(_evil_pt(t)), "--vae", str(m[1]), "--model-size", "test"), t),
+        r"evil\.pt holds Python objects besides tensors and would need unsafe unpickling"),
+    "checkpoint is junk": (
+        lambda t, m: (_distill(t, "--model", str(_junk(t, "dit.pt", b"not a checkpoint")), "--vae", str(m[1])), t),
+        r"cannot read .*dit\.pt as a torch checkpoint"),
+    # class names that would escape the output folder
+    "folder class name with ..": (lambda t, m: (["distill", "--dataset", "folder", "--data-root",
+                                                 str(_folder(t, "a..b")), "--method", "random"], t / "folder"),
+                                  r"class name 'a\.\.b'"),
+    # a set edited by hand after it was written: resuming it is refused, nothing is touched
+    "resume: png replaced": (lambda t, m: _resume(t, "png"),
+                             r"trouser/1\.png is missing or does not match its sha256 in \.shards/c0001-i00000"
+                             r"\.parquet .*delete .*c0001-i00000\.parquet to make that shard again, or pass "
+                             r"--overwrite"),
+    "resume: shard path escapes": (lambda t, m: _resume(t, "shard path"),
+                                   r"shard manifest c0001-i00000\.parquet has a malformed row"),
+    "resume: shard manifest garbage": (lambda t, m: _resume(t, "shard garbage"),
+                                       r"shard manifest c0001-i00000\.parquet is not a readable parquet file"),
+    "resume: manifest rows removed": (lambda t, m: _resume(t, "manifest"),
+                                      r"manifest\.parquet does not match the shard manifests .*delete .*manifest"
+                                      r"\.parquet to rebuild it"),
+    "evaluate ipc above set": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
+                                              "0,1", "--ipc", "5"], t / "set"),
+                               r"has 3 images in .*fewer than IPC 5"),
+    "evaluate corrupt png (truncated)": (
+        lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes", "0,1"], _truncate(t)),
+        r"corrupt image .*set/t-shirt_top/0\.png"),
 }
 NO_FMNIST = {"missing data root", "unknown dataset", "unknown command", "no command", "config missing",
-             "ipc 0", "ipc -3", "ipc not a number", "steps 0 (argparse)", "unknown option", "unknown method"}
+             "ipc 0", "ipc -3", "ipc not a number", "steps 0 (argparse)", "unknown option", "unknown method",
+             "igd window reversed", "igd window not a pair", "igd scale negative", "igd gamma not a number",
+             "igd grad ipc 0", "igd surrogate missing", "mgd3 mode method nosuch", "mode scale negative",
+             "unknown --set key", "--set without =", "config igd window reversed", "config ipc not a number",
+             "config cfg weight negative", "image size 0", "folder class name with .."}
+
+
+def _truncate(t: Path) -> Path:
+    """Cut the first PNG of the tree ``_png_tree`` made under ``t/set`` in half; returns the set."""
+    f = t / "set" / "t-shirt_top" / "0.png"
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    return t / "set"
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in NO_FMNIST else [needs_fmnist]) for n in CASES])
@@ -172,6 +299,7 @@ def test_bad_input_gives_one_line_and_exit_2(name: str, tmp_path: Path, tiny_mod
     if keep is not None:
         assert _snapshot(keep) == before
     assert not (tmp_path / "new").exists()  # no main output folder was started either
+    assert not (tmp_path / "code-ran").exists()  # no checkpoint ran code while being read
 
 
 @needs_fmnist

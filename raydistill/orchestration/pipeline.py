@@ -4,6 +4,14 @@
 (on its GPU when it has one) and is mapped over batches of shards. Each output row is one image (PNG bytes plus its
 manifest row); the driver groups rows by shard and commits a shard atomically when all its images have arrived, so
 outputs need no shared filesystem and a killed job resumes at the first uncommitted shard.
+
+Failures (docs/RELIABILITY.md): a sampler actor that dies (its process killed, its node lost) is restarted by Ray on
+any node with room and the shard it was working on is retried there. That is Ray Data's default for actor pools
+(``max_restarts=-1``, ``max_task_retries=-1`` in ``ActorPoolMapOperator._apply_default_remote_args``, Ray 2.60);
+``map_batches`` has no named parameter for it and passing ``ray_remote_args`` is deprecated (warns, removed in
+2.64), so the defaults are kept and ``tests/test_reliability.py`` proves them. A retried shard may reach the driver
+twice: the driver keeps one row per image index and ignores shards it has already committed, so nothing is written
+twice, and it never finalizes a set with a shard missing.
 """
 
 from __future__ import annotations
@@ -72,18 +80,25 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
                                   compute=ray.data.ActorPoolStrategy(size=pool_size), batch_size=1,
                                   num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
         expected = {s.shard_id: len(s.indices) for s in todo}
-        pending: dict[str, list[tuple[dict, bytes]]] = {}
+        pending: dict[str, dict[int, tuple[dict, bytes]]] = {}  # shard -> image index -> (row, png)
         for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
             for sid, row, png in zip(batch["shard_id"], batch["row"], batch["png"]):
-                pending.setdefault(str(sid), []).append((json.loads(row), bytes(png)))
-                if len(pending[str(sid)]) == expected[str(sid)]:
-                    got = sorted(pending.pop(str(sid)), key=lambda rp: rp[0]["index"])
-                    writer.commit(str(sid), [r for r, _ in got], [p for _, p in got])
+                sid, r = str(sid), json.loads(row)
+                if sid not in expected:  # a retried shard's second copy after its commit
+                    continue
+                pending.setdefault(sid, {})[int(r["index"])] = (r, bytes(png))
+                if len(pending[sid]) == expected[sid]:
+                    by_index = pending.pop(sid)
+                    got = [by_index[k] for k in sorted(by_index)]
+                    del expected[sid]
+                    writer.commit(sid, [r for r, _ in got], [p for _, p in got])
                     made += len(got)
                     committed += 1
                     if progress:
                         progress(f"shard {committed}/{len(shards)} committed: "
                                  f"{made / (time.time() - t0):.2f} images/s")
+        if expected:  # never expected: Ray Data raises when a shard fails for good
+            raise RuntimeError(f"the pipeline ended without shards {sorted(expected)[:5]}; rerun to resume")
     rows = writer.finalize()
     secs = time.time() - t0
     write_grid(cfg.out, ds_meta)
