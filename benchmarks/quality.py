@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/quality.json")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (YAML value)")
+    ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale of the sampler")
     ap.add_argument("--tag", default="", help="suffix of the set folder and result keys (e.g. for --set variants)")
     ap.add_argument("--no-coverage", dest="coverage", action="store_false")
     ap.add_argument("--table-only", action="store_true")
@@ -58,7 +59,7 @@ def main() -> None:
     for ipc in [] if a.table_only else [int(v) for v in a.ipc.split(",")]:
         for method in a.methods.split(","):
             name = method + a.tag
-            cfg = DistillConfig(method=method, ipc=ipc, seed=a.seed, baselines=(), extra=extra,
+            cfg = DistillConfig(method=method, ipc=ipc, seed=a.seed, baselines=(), extra=extra, cfg_scale=a.cfg_scale,
                                 out=str(Path(a.root) / f"{name}-ipc{ipc}-seed{a.seed}"))
             t0 = time.time()
             tag = f"{method} ipc{ipc}"
