@@ -73,7 +73,7 @@ def _key_value(s: str) -> tuple[str, object]:
 
 
 def _config(a: argparse.Namespace, **extra):
-    from raydistill.config import DistillConfig
+    from raydistill.config import DistillConfig, read_config_yaml
 
     keys = ["dataset", "data_root", "image_size", "classes", "nclass", "phase", "model", "model_size", "vae",
             "eval_preset", "eval_nets", "num_evals", "eval_epochs", "seed", "ipc"]
@@ -81,32 +81,13 @@ def _config(a: argparse.Namespace, **extra):
              if hasattr(a, k)]
     over = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     over.update(extra)
-    preset = _read_yaml(a.preset, "preset") if getattr(a, "preset", None) else {}
-    data = {**preset, **(_read_yaml(a.config, "config") if a.config else {})}
+    preset = read_config_yaml(a.preset, "preset") if getattr(a, "preset", None) else {}
+    data = {**preset, **(read_config_yaml(a.config, "config") if a.config else {})}
     data["extra"] = {**(preset.get("extra") or {}), **(data.get("extra") or {})}
     data.update(over)
     cfg = DistillConfig.from_dict(data)
     sets = dict(getattr(a, "set", None) or [])
     return cfg.with_(extra={**cfg.extra, **sets}) if sets else cfg
-
-
-def _read_yaml(path: str, what: str) -> dict:
-    """A YAML mapping of config keys (``--config`` or ``--preset``), one clear error when it is not."""
-    from pathlib import Path
-
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} file not found: {p}", "pass an existing YAML file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{what} file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
-    if not isinstance(data, dict) or not isinstance(data.get("extra", {}), dict):
-        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra: a mapping)",
-                        "see jobs/configs/*.yaml or a study's best.yaml")
-    return data
 
 
 def _check_eval(cfg, ds) -> None:

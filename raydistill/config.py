@@ -87,17 +87,7 @@ class DistillConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> DistillConfig:
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file not found: {p}", "pass an existing YAML file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
-        if not isinstance(data, dict):
-            raise UserError(f"config file {p} must hold a mapping of keys to values", "see jobs/configs/*.yaml")
+        data = read_config_yaml(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 
@@ -119,3 +109,20 @@ class DistillConfig:
                for k, v in self.to_dict().items() if k != "extra"}
         out.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
         return out
+
+
+def read_config_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML mapping of config keys (``--config``, ``--preset``, a study's ``best.yaml``); one clear error if not."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {p}", "pass an existing YAML file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
+    if not isinstance(data, dict) or not isinstance(data.get("extra", {}), dict):
+        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra: a mapping)",
+                        "see jobs/configs/*.yaml or a study's best.yaml")
+    return data
