@@ -454,20 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["pretrain"]:
             return cmd_pretrain(argparse.Namespace(), argv[1:])
         a = build_parser().parse_args(argv)
-        if a.command == "distill":
-            return cmd_distill(a)
-        if a.command == "evaluate":
-            return cmd_evaluate(a)
-        if a.command == "surrogate":
-            return cmd_surrogate(a)
-        if a.command == "modes":
-            return cmd_modes(a)
-        if a.command == "finetune":
-            return cmd_finetune(a)
-        if a.command == "tune":
-            return cmd_tune(a)
-        if a.command == "compare":
-            return cmd_compare(a)
+        commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "surrogate": cmd_surrogate, "modes": cmd_modes,
+                    "finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare}
+        return commands[a.command](a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from raydistill.errors import UserError
+from raydistill.outputs import atomic_write_text
 
 MINIMAX_METHODS = ("minimax", "minimax-igd", "minimax+mgd3")
 INDEX_FILE = "minimax.json"
@@ -209,12 +210,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _step_seed(seed: int, phase: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(phase), int(step)]).generate_state(1, dtype=np.uint64)[0]
                & ((1 << 63) - 1))
@@ -374,7 +369,7 @@ def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cf
         if (prev.get("base", {}).get("sha256"), prev.get("phases")) != (base["sha256"], index["phases"]):
             raise UserError(f"{out} holds a fine-tune of another base model or other classes",
                             "pass another --out, or delete that folder to start over")
-    _atomic_write(out / INDEX_FILE, json.dumps({**index, "complete": False}, indent=1))
+    atomic_write_text(out / INDEX_FILE, json.dumps({**index, "complete": False}, indent=1))
     if len(phases) > 1:
         say(f"{len(labels)} classes > {cfg.max_classes}: {len(phases)} phases of up to {cfg.phase_size} classes")
     for p, chunk in enumerate(phases):
@@ -400,11 +395,11 @@ def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cf
                 "depth": depth, "gamma_blocks": gamma_blocks_of(model), "tied_embedders": embedders_tied(model),
                 "trainable_parameters": n_train, "steps": trainer.total_steps, "config": asdict(cfg),
                 "device": str(dev), "seconds_last_session": round(time.time() - t_start, 1), "log": trainer.log}
-        _atomic_write(pdir / "finetune.json", json.dumps(info, indent=1))
+        atomic_write_text(pdir / "finetune.json", json.dumps(info, indent=1))
         os.replace(pdir / "ema.safetensors.tmp", pdir / "ema.safetensors")
         say(f"phase {p}: wrote {pdir / 'ema.safetensors'}")
     index["complete"] = True
-    _atomic_write(out / INDEX_FILE, json.dumps(index, indent=1))
+    atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
     return index
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from raydistill.errors import UserError
 from raydistill.models.evalnets import build_eval_net
+from raydistill.outputs import atomic_write_text
 
 SIMILARITY_THRESHOLD = 0.7  # spec 2.1 step 2
 
@@ -143,7 +144,7 @@ def train_trajectory(ds, out: str | Path, cfg: SurrogateConfig = SurrogateConfig
     else:
         _write_safetensors(out / "epoch_000.safetensors", dict(net.state_dict()))
         meta["epochs_done"] = done = 0
-        meta_path.write_text(json.dumps(meta, indent=1))
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
     labels_all = torch.from_numpy(ds._labels("train").astype(np.int64))
     n = len(labels_all)
     ran = 0
@@ -178,9 +179,7 @@ def train_trajectory(ds, out: str | Path, cfg: SurrogateConfig = SurrogateConfig
                 f"{time.time() - t0:.0f} s")
         meta["epochs_done"] = epoch
         meta["log"].append(line)
-        tmp = meta_path.with_name(".trajectory.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(meta_path)
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
         (out / f"optimizer_{epoch - 1:03d}.safetensors").unlink(missing_ok=True)
         ran += 1
         if progress:
