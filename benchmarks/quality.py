@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--preset", default="dc")
     ap.add_argument("--net", default="convnet")
     ap.add_argument("--nets", type=int, default=5, help="nets per (method, IPC)")
+    ap.add_argument("--first-net", type=int, default=0,
+                    help="index of the first net (split one set's nets over processes: --nets 3, then --first-net 3 "
+                         "--nets 2 once the set exists)")
     ap.add_argument("--seed", type=int, default=0, help="distillation seed (one synthetic set per method/IPC)")
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     ap.add_argument("--root", default="runs/bench")
@@ -78,7 +81,7 @@ def main() -> None:
                 atomic_write_text(res_path, json.dumps(results, indent=1))
                 print(f"[{name} ipc{ipc}] mode coverage {cov['mode_coverage']:.3f}, distance "
                       f"{cov['mode_distance']:.3f}", flush=True)
-            for i in range(a.nets):
+            for i in range(a.first_net, a.first_net + a.nets):
                 key = f"{name}|ipc{ipc}|{a.preset}|{a.net}|epochs{a.epochs}|set{a.seed}|net{i}"
                 if key in results["runs"]:
                     continue
@@ -88,7 +91,7 @@ def main() -> None:
                 results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, " \
                                      f"threads {torch.get_num_threads()}"
                 atomic_write_text(res_path, json.dumps(results, indent=1))
-                print(f"[{name} ipc{ipc} {a.preset}] net {i + 1}/{a.nets}: {r.reported_mean:.2f}% "
+                print(f"[{name} ipc{ipc} {a.preset}] net {i + 1}/{a.first_net + a.nets}: {r.reported_mean:.2f}% "
                       f"({r.seconds:.0f} s)", flush=True)
     merged = merged_results(res_path.parent)  # every quality*.json beside it (runs written by parallel processes)
     print_table(merged)
@@ -146,17 +149,32 @@ def plot(results: dict, path: str) -> None:
     print(f"plot written to {path}")
 
 
+# Published Fashion-MNIST anchors, ConvNet-3 (../shared/spec/benchmarks.md section 1; "U" = widely cited, unchecked).
+ANCHORS = {
+    "random": {1: "51.4+-3.8 (U)", 10: "73.8+-0.7 (U)", 50: "82.5+-0.7 (U)"},
+    "herding": {1: "67.0+-1.9 (U)", 10: "71.1+-0.7 (U)", 50: "71.9+-0.8 (U)"},
+    "DC": {1: "70.5", 10: "82.3", 50: "83.6"},
+    "DSA": {1: "70.6", 10: "84.6", 50: "88.7"},
+    "IDC-I": {1: "70.7", 10: "85.3", 50: "89.1"},
+}
+
+
 def print_table(results: dict) -> None:
     cov = results.get("coverage", {})
     print(f"\n{'method':<14} {'IPC':>4} {'preset':<6} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
-          f"{'distance':>8}")
+          f"{'distance':>8}  published")
     for group, accs in sorted(_groups(results).items()):
         method, ipc, preset, net, _, set_seed = group.split("|")
         std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
         c = cov.get(f"{method}|{ipc}|{set_seed}")
         c_txt = f"{c['mode_coverage']:>8.2f} {c['mode_distance']:>8.2f}" if c else f"{'-':>8} {'-':>8}"
+        pub = ANCHORS.get(method, {}).get(int(ipc[3:]), "")
         print(f"{method:<14} {ipc[3:]:>4} {preset:<6} {net:<8} {len(accs):>4}  "
-              f"{statistics.mean(accs):6.2f} +- {std:4.2f}  {c_txt}")
+              f"{statistics.mean(accs):6.2f} +- {std:4.2f}  {c_txt}  {pub}")
+    ipcs = sorted({int(g.split("|")[1][3:]) for g in _groups(results)})
+    print("published distillation anchors: " + "; ".join(
+        f"{m} " + ", ".join(f"IPC {i} {ANCHORS[m][i]}" for i in ipcs if i in ANCHORS[m])
+        for m in ("DC", "DSA", "IDC-I")))
 
 
 if __name__ == "__main__":

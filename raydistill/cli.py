@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder of the main method's set (default <root>/<dataset>/<method>-...)")
     d.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
     d.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
-    d.add_argument("--pool-size", type=_positive_int, default=1, help="sampler actors")
+    d.add_argument("--pool-size", type=_positive_int,
+                   help="sampler actors (default: one per GPU, else one per CPU, at most one per shard)")
     d.add_argument("--shard-size", type=_positive_int, help="images per shard (default: one class)")
     d.add_argument("--gpus-per-actor", type=float)
     d.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")

@@ -55,8 +55,11 @@ def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_mode
     from raydistill.orchestration.distill_job import format_table, run_main_job
 
     cfg = _tiny_cfg(tiny_model, None, ipc=2, classes=("0", "1"))
-    reports = run_main_job(cfg, root=tmp_path, log=lambda m: None)
+    logs: list[str] = []
+    reports = run_main_job(cfg, root=tmp_path, log=logs.append)
     assert [r.method for r in reports] == ["dit", "random"]
+    # no --pool-size: one 1-thread sampler per CPU of the 2-CPU cluster, at most one per shard (2 classes)
+    assert any("sampling 2 images per class" in m and "(2 sampler actor(s))" in m for m in logs), logs
     table = format_table(reports, "dc")
     assert "dit" in table and "random" in table and "+-" in table
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")
@@ -71,6 +74,15 @@ def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_mode
     assert reports[0].coverage["mode_coverage"] == dit["metrics.mode_coverage"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(dit["run_id"])}
     assert {"grid.png", "manifest.parquet", "metrics.json"} <= artifacts
+
+
+def test_auto_pool_size_is_one_actor_per_gpu_else_per_cpu_at_most_one_per_shard():
+    from raydistill.orchestration.distill_job import auto_pool_size
+
+    assert auto_pool_size(cpus=2, gpus=0, n_shards=10) == 2
+    assert auto_pool_size(cpus=64, gpus=8, n_shards=100) == 8
+    assert auto_pool_size(cpus=16, gpus=0, n_shards=3) == 3
+    assert auto_pool_size(cpus=0.5, gpus=0, n_shards=10) == 1
 
 
 def test_local_ray_listens_on_loopback_only(ray_local):
