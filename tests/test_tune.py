@@ -32,7 +32,9 @@ def test_shipped_spaces_load_and_validate(path: Path) -> None:
     assert space.scheduler["name"] == "asha" and 0 < space.eval_every < space.eval_epochs()
     assert space.eval_epochs() == cfg.eval_epochs < 300  # a shortened dc evaluation
     values = {p.name: (p.values[0] if p.values else p.high) for p in space.params}
-    assert {k: space.trial_config(values).extra.get(k) for k in values} == values
+    trial = space.trial_config(values)  # config fields (cfg_scale) set the field, method parameters go to extra
+    assert {p.name: getattr(trial, p.name) if p.is_field else trial.extra.get(p.name) for p in space.params} == values
+    assert not any(p.name in trial.extra for p in space.params if p.is_field)
 
 
 def _space(tmp_path: Path, text: str) -> Path:
@@ -213,3 +215,18 @@ budget: {{num_samples: 1}}
     runs = mlflow.search_runs(experiment_names=["raydistill"])
     trial = runs[runs["tags.kind"] == "trial"]
     assert list(trial["tags.tune.status"]) == ["error"] and list(trial["status"]) == ["FAILED"]
+
+
+def test_shipped_tuned_preset_is_the_benchmarked_configuration() -> None:
+    """jobs/configs/fmnist-mgd3+igd-tuned.yaml reads through `distill --preset` into the settings that
+    docs/BENCHMARKS.md section 8 evaluated, and they pass the method-parameter check."""
+    from raydistill.cli import _config, build_parser
+    from raydistill.distill import check_method_params
+
+    cfg = _config(build_parser().parse_args(["distill", "--preset", "jobs/configs/fmnist-mgd3+igd-tuned.yaml"]))
+    check_method_params(cfg)
+    assert cfg.method == "mgd3+igd" and cfg.dataset == "fashion-mnist" and cfg.ipc == 10
+    assert cfg.cfg_scale == pytest.approx(3.5816103691334944)
+    assert cfg.extra["igd_scale"] == pytest.approx(17.805487040095848) and cfg.extra["t_stop"] == 11
+    assert cfg.extra["igd_gamma"] == pytest.approx(3.3319343551039444)
+    assert cfg.extra["mode_scale"] == pytest.approx(0.17634952302877413)
