@@ -26,30 +26,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(client: bool) -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+def _env(home: str, client: bool) -> dict[str, str]:
+    """The documented environment (docs/RAY_JOBS.md) with a private HOME, so the cluster's auth token is this test's.
+
+    Ray's auth settings are dropped from the inherited environment: ``ray.init`` in this pytest process sets
+    ``RAY_AUTH_MODE=token`` and the fault tests set it to ``disabled``, which would make this test depend on order.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=home, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
     if client:
-        env["RAY_AUTH_MODE"] = "token"  # stack-notes: CLI clients of a token-auth cluster need it
+        env["RAY_AUTH_MODE"] = "token"  # CLI clients of a token-auth cluster need it (docs/RAY_JOBS.md)
     return env
 
 
 @pytest.fixture()
 def head_node():
+    """``ray get-auth-token --generate`` then ``ray start --head`` on loopback, as docs/RAY_JOBS.md says; yields
+    (dashboard address, HOME)."""
     import shutil
     import tempfile
 
     temp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's unix socket paths must stay under 108 bytes
+    home = tempfile.mkdtemp(prefix="rdhome", dir="/tmp")
     gcs, dash = _free_port(), _free_port()
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, env=_env(home, False),
+                   capture_output=True, timeout=120)
+    assert (Path(home) / ".ray" / "auth_token").exists()
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
              "--disable-usage-stats", f"--temp-dir={temp}"]
-    subprocess.run(start, check=True, env=_env(False), capture_output=True, timeout=180)
+    subprocess.run(start, check=True, env=_env(home, False), capture_output=True, timeout=180)
     try:
-        yield f"http://127.0.0.1:{dash}"
+        yield f"http://127.0.0.1:{dash}", home
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(False), capture_output=True, timeout=120)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(home, False), capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_ray_job_submit_distill_on_loopback_cluster(head_node, tiny_model, tmp_path):
@@ -57,14 +70,20 @@ def test_ray_job_submit_distill_on_loopback_cluster(head_node, tiny_model, tmp_p
     listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN and c.pid and "ray" in " ".join(_cmdline(c.pid))}
     assert listening and listening <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+    address, home = head_node
+    # the cluster enforces token auth: a client without the token mode is refused
+    anon = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+                          env={**_env(home, False), "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                          timeout=120)
+    assert anon.returncode != 0, anon.stdout[-2000:]
     dit, vae = tiny_model
     root = tmp_path / "runs"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--working-dir", str(REPO),
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env", str(REPO / "raydistill/orchestration/runtime_env.yaml"), "--",
            sys.executable, "jobs/distill.py", "--config", "jobs/configs/tiny.yaml", "--model", str(dit),
            "--vae", str(vae), "--root", str(root)]
     t0 = time.time()
-    proc = subprocess.run(cmd, env=_env(True), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=_env(home, True), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in (proc.stdout + proc.stderr).lower()
     assert "accuracy (dc)" in proc.stdout and "random" in proc.stdout  # the table was printed

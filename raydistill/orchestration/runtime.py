@@ -15,9 +15,6 @@ LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
-# CLI clients (`ray job submit`, `ray status`) of a token-auth cluster need this; ray.init writes the token itself
-# and must not see it (it then expects a token file that does not exist yet).
-CLIENT_ENV = {"RAY_AUTH_MODE": "token"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
