@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def main(root: Path, dit: str, vae: str) -> dict:
                 cluster.remove_node(victim or workers[0], allow_graceful=False)
 
             node.update(_run(fault_cfg(dit, vae, root / "node"), remove_node))
+            # the GCS marks a removed node dead after its health checks fail (seconds; longer on a loaded machine),
+            # which can be after the retried run has already finished
+            deadline = time.monotonic() + 120
+            while sum(1 for n in ray.nodes() if n["Alive"]) > 2 and time.monotonic() < deadline:
+                time.sleep(1)
             node["alive_nodes_after"] = sum(1 for n in ray.nodes() if n["Alive"])
             report["node"] = node
     finally:
