@@ -111,9 +111,9 @@ def main(root: Path, dit: str, vae: str) -> dict:
             # the GCS marks a removed node dead after its health checks fail (seconds; longer on a loaded machine),
             # which can be after the retried run has already finished
             deadline = time.monotonic() + 120
-            while sum(1 for n in ray.nodes() if n["Alive"]) > 2 and time.monotonic() < deadline:
+            while (alive := sum(1 for n in ray.nodes() if n["Alive"])) > 2 and time.monotonic() < deadline:
                 time.sleep(1)
-            node["alive_nodes_after"] = sum(1 for n in ray.nodes() if n["Alive"])
+            node["alive_nodes_after"] = alive
             report["node"] = node
     finally:
         cluster.shutdown()
