@@ -217,16 +217,29 @@ budget: {{num_samples: 1}}
     assert list(trial["tags.tune.status"]) == ["error"] and list(trial["status"]) == ["FAILED"]
 
 
-def test_shipped_tuned_preset_is_the_benchmarked_configuration() -> None:
-    """jobs/configs/fmnist-mgd3+igd-tuned.yaml reads through `distill --preset` into the settings that
-    docs/BENCHMARKS.md section 8 evaluated, and they pass the method-parameter check."""
+@pytest.mark.parametrize("preset, study_best, method, expected", [
+    ("fmnist-mgd3+igd-tuned.yaml", "mgd3+igd-best.yaml", "mgd3+igd",
+     {"cfg_scale": 3.5816103691334944, "igd_scale": 17.805487040095848, "igd_gamma": 3.3319343551039444,
+      "mode_scale": 0.17634952302877413, "t_stop": 11}),
+    ("fmnist-igd-tuned.yaml", "igd-best.yaml", "igd",
+     {"cfg_scale": 1.6024338098404867, "igd_scale": 12.739233746429086, "igd_gamma": 4.1762580021629265}),
+])
+def test_shipped_tuned_preset_is_the_benchmarked_configuration(preset, study_best, method, expected) -> None:
+    """A shipped tuned preset (jobs/configs) reads through `distill --preset` into the settings that
+    docs/BENCHMARKS.md section 8 evaluated (the values of its `benchmarks/quality.py --set` command), equal to its
+    study's best.yaml (copied to benchmarks/results), and passes the method-parameter check."""
     from raydistill.cli import _config, build_parser
     from raydistill.distill import check_method_params
 
-    cfg = _config(build_parser().parse_args(["distill", "--preset", "jobs/configs/fmnist-mgd3+igd-tuned.yaml"]))
+    def load(path):
+        return _config(build_parser().parse_args(["distill", "--preset", path]))
+
+    cfg, best = load(f"jobs/configs/{preset}"), load(f"benchmarks/results/{study_best}")
     check_method_params(cfg)
-    assert cfg.method == "mgd3+igd" and cfg.dataset == "fashion-mnist" and cfg.ipc == 10
-    assert cfg.cfg_scale == pytest.approx(3.5816103691334944)
-    assert cfg.extra["igd_scale"] == pytest.approx(17.805487040095848) and cfg.extra["t_stop"] == 11
-    assert cfg.extra["igd_gamma"] == pytest.approx(3.3319343551039444)
-    assert cfg.extra["mode_scale"] == pytest.approx(0.17634952302877413)
+    assert cfg.method == best.method == method and cfg.dataset == "fashion-mnist" and cfg.ipc == 10
+    for key, value in expected.items():
+        got = cfg.cfg_scale if key == "cfg_scale" else cfg.extra[key]
+        assert got == pytest.approx(value), key
+        assert got == (best.cfg_scale if key == "cfg_scale" else best.extra[key]), key
+    assert set(cfg.extra) == set(best.extra)
+
