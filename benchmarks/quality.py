@@ -117,7 +117,9 @@ def _groups(results: dict) -> dict[str, list[float]]:
 
 
 def plot(results: dict, path: str) -> None:
-    """Bar plot: mean accuracy +- std per method, one group of bars per (IPC, preset)."""
+    """Bar plot: one panel per (IPC, preset), a horizontal bar per measured set (mean +- std over nets, best on top),
+    one colour per method across panels, and the published distillation figure of the preset (DC for ``dc``, DSA for
+    ``dsa``) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,26 +128,41 @@ def plot(results: dict, path: str) -> None:
     groups = _groups(results)
     settings = sorted({(int(g.split("|")[1][3:]), g.split("|")[2]) for g in groups})
     methods = sorted({g.split("|")[0] for g in groups})
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 + 1.0 * len(methods) * len(settings)), 4))
-    width = 0.8 / max(1, len(methods))
-    for j, m in enumerate(methods):
-        xs, ms, ss = [], [], []
-        for i, (ipc, preset) in enumerate(settings):
-            accs = [v for g, v in groups.items() if g.split("|")[0] == m and g.split("|")[1] == f"ipc{ipc}"
-                    and g.split("|")[2] == preset]
-            if accs:
-                xs.append(i + j * width)
-                ms.append(statistics.mean(accs[0]))
-                ss.append(statistics.pstdev(accs[0]) if len(accs[0]) > 1 else 0.0)
-        ax.bar(xs, ms, width, yerr=ss, label=m, capsize=2)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], [f"IPC {i} / {p}" for i, p in settings])
-    lo = min((statistics.mean(v) for v in groups.values()), default=0)
-    ax.set_ylim(max(0, lo - 10), None)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST, ConvNet-3 trained on the distilled set")
-    ax.legend(fontsize=7, ncol=2)
+    colour = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    cols = min(2, max(1, len(settings)))
+    rows = max(1, -(-len(settings) // cols))
+    per_panel = [sum(g.split("|")[1:3] == [f"ipc{i}", p] for g in groups) for i, p in settings]
+    height = max(per_panel, default=1)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 0.8 + 0.32 * height * rows), squeeze=False)
+    for ax, (ipc, preset) in zip(axes.flat, settings):
+        bars = []
+        for g, accs in groups.items():
+            method, ipc_key, pre, net, epochs, _ = g.split("|")
+            if (ipc_key, pre) != (f"ipc{ipc}", preset):
+                continue
+            label = method + ("" if net == "convnet" else f" ({net})")
+            label += "" if epochs == "epochsNone" else f" {epochs}"
+            sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+            bars.append((statistics.mean(accs), sd, len(accs), label, method))
+        bars.sort()
+        ys = range(len(bars))
+        ax.barh(ys, [b[0] for b in bars], xerr=[b[1] for b in bars], color=[colour[b[4]] for b in bars], capsize=2)
+        ax.set_yticks(list(ys), [f"{b[3]} ({b[2]})" for b in bars], fontsize=8)
+        for y, b in zip(ys, bars):
+            ax.text(b[0] + b[1] + 0.3, y, f"{b[0]:.1f}", va="center", fontsize=7)
+        anchor = {"dc": "DC", "dsa": "DSA"}.get(preset)
+        published = ANCHORS.get(anchor, {}).get(ipc) if anchor else None
+        if published is not None:  # DC / DSA anchors are plain numbers ("82.3")
+            ax.axvline(float(published), ls="--", c="k", lw=0.8)
+            ax.text(float(published), 0.01, f" {anchor} {published}", fontsize=7, transform=ax.get_xaxis_transform())
+        ax.set_xlim(max(0, min((b[0] for b in bars), default=0) - 8), 100)
+        ax.set_title(f"IPC {ipc}, {preset} (nets in brackets)", fontsize=9)
+        ax.set_xlabel("test accuracy (%)", fontsize=8)
+    for ax in list(axes.flat)[len(settings):]:
+        ax.axis("off")
+    fig.suptitle("Fashion-MNIST, ConvNet-3 trained on the distilled set", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"plot written to {path}")
 
 

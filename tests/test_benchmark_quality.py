@@ -1,0 +1,62 @@
+"""benchmarks/quality.py's bookkeeping: result files from parallel runs merge, nets group per set, the table prints
+mean +- std per set and the plot draws one panel per (IPC, preset)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(last: float) -> dict:
+    return {"last": last, "best": last + 1.0, "report": "last", "seconds": 1.0, "epochs": 300}
+
+
+def _write(folder: Path) -> None:
+    """Two files as two parallel processes write them: nets 0-1 of a set in one, net 2 of it in the other."""
+    a = {"runs": {"dit|ipc10|dc|convnet|epochsNone|set0|net0": _run(70.0),
+                  "dit|ipc10|dc|convnet|epochsNone|set0|net1": _run(72.0),
+                  "random|ipc1|dc|convnet|epochsNone|set0|net0": _run(45.0),
+                  "random|ipc10|dsa|convnet|epochsNone|set0|net0": _run(74.0)},
+         "coverage": {"dit|ipc10|set0": {"mode_coverage": 0.11, "mode_distance": 1.82}}}
+    b = {"runs": {"dit|ipc10|dc|convnet|epochsNone|set0|net2": _run(74.0)}, "coverage": {}}
+    (folder / "quality.json").write_text(json.dumps(a))
+    (folder / "quality-b.json").write_text(json.dumps(b))
+    (folder / "throughput.json").write_text(json.dumps({"runs": {"x|ipc1|dc|convnet|epochsNone|set0|net0": 1}}))
+
+
+def test_parallel_result_files_merge_and_group_per_set(quality, tmp_path: Path, capsys) -> None:
+    _write(tmp_path)
+    merged = quality.merged_results(tmp_path)
+    assert len(merged["runs"]) == 5  # quality*.json only: throughput.json is not a quality result
+    groups = quality._groups(merged)
+    assert sorted(groups["dit|ipc10|dc|convnet|epochsNone|set0"]) == [70.0, 72.0, 74.0]
+    quality.print_table(merged)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dit "))
+    assert f"{statistics.mean([70, 72, 74]):6.2f} +- {statistics.pstdev([70, 72, 74]):4.2f}" in row
+    assert "0.11" in row and row.split()[4] == "3"  # coverage joined, 3 nets
+
+
+def test_plot_draws_one_panel_per_setting(quality, tmp_path: Path) -> None:
+    _write(tmp_path)
+    out = tmp_path / "quality.png"
+    quality.plot(quality.merged_results(tmp_path), str(out))
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        width, height = im.size
+    assert width == round(6.5 * 2 * 110)  # three settings -> two columns of panels
+    assert height > 0.8 * 110
