@@ -43,10 +43,11 @@ def sampling(batch_sizes: list[int], images: int) -> dict:
     return out
 
 
-def method_costs(batch: int, rounds: int, surrogate: str | None) -> dict:
+def method_costs(batch: int, rounds: int, surrogate: str | None, refresh: tuple[int, ...] = ()) -> dict:
     """Seconds per image of each method's sampling (latents + decode), interleaved round by round so that load on
     the machine hits every method alike; ratios to plain sampling at the same batch size. IGD ``reference`` runs at
-    batch 1 (as released), so plain and IGD ``fast`` are also timed at batch 1."""
+    batch 1 (as released), so plain and IGD ``fast`` are also timed at batch 1. ``refresh``: IGD ``fast`` with
+    ``igd_refresh`` n (the approximate gradient reuse) at ``batch``, for each n."""
     import statistics
 
     from raydistill.distill import METHOD_TERMS, ShardRunner
@@ -54,7 +55,8 @@ def method_costs(batch: int, rounds: int, surrogate: str | None) -> dict:
     extra = {"surrogate": surrogate} if surrogate else {}
     runners = {}
     for name, method, ex in (("plain", "dit", {}), ("mgd3", "mgd3", {}), ("igd_fast", "igd", {}),
-                             ("mgd3+igd", "mgd3+igd", {}), ("igd_reference", "igd", {"igd_impl": "reference"})):
+                             ("mgd3+igd", "mgd3+igd", {}), ("igd_reference", "igd", {"igd_impl": "reference"}),
+                             *((f"igd_refresh{n}", "igd", {"igd_refresh": n}) for n in refresh)):
         cfg = DistillConfig(method=method, ipc=max(batch, 16), extra={**extra, **ex},
                             out=str(Path(tempfile.gettempdir()) / "rdbench-methods" / name))
         runners[name] = ShardRunner(cfg, device="cpu")
@@ -62,7 +64,8 @@ def method_costs(batch: int, rounds: int, surrogate: str | None) -> dict:
     plans = {  # name -> (runner, batch)
         "plain_b1": ("plain", 1), "igd_fast_b1": ("igd_fast", 1), "igd_reference_b1": ("igd_reference", 1),
         f"plain_b{batch}": ("plain", batch), f"mgd3_b{batch}": ("mgd3", batch),
-        f"igd_fast_b{batch}": ("igd_fast", batch), f"mgd3+igd_b{batch}": ("mgd3+igd", batch)}
+        f"igd_fast_b{batch}": ("igd_fast", batch), f"mgd3+igd_b{batch}": ("mgd3+igd", batch),
+        **{f"igd_refresh{n}_b{batch}": (f"igd_refresh{n}", batch) for n in refresh}}
     for r in runners.values():  # warm-up, and mode discovery / real gradients out of the timings
         r.generator.generate([0], [0], 0, r.terms)
     times: dict[str, list[float]] = {k: [] for k in plans}
@@ -269,6 +272,7 @@ def main() -> None:
     ap.add_argument("--gpu-smoke", action="store_true", help="run the gpu section's code on tiny CPU stand-ins")
     ap.add_argument("--method-batch", type=int, default=16)
     ap.add_argument("--method-rounds", type=int, default=3)
+    ap.add_argument("--method-refresh", default="", help="IGD igd_refresh values to time too, e.g. 2,4")
     ap.add_argument("--surrogate", help="IGD surrogate trajectory (default: the built-in one)")
     ap.add_argument("--results", default="benchmarks/results/throughput.json")
     a = ap.parse_args()
@@ -278,7 +282,8 @@ def main() -> None:
     if "sampling" in sections:
         res["sampling_images_per_s"] = sampling([int(b) for b in a.batch_sizes.split(",")], a.images)
     if "methods" in sections:
-        res["methods"] = method_costs(a.method_batch, a.method_rounds, a.surrogate)
+        res["methods"] = method_costs(a.method_batch, a.method_rounds, a.surrogate,
+                                      tuple(int(n) for n in a.method_refresh.split(",") if n))
     if "gpu" in sections:
         res["gpu"] = gpu_section([int(b) for b in a.gpu_batch_sizes.split(",")], smoke=a.gpu_smoke)
     if "ray" in sections:

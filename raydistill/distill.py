@@ -72,14 +72,14 @@ WHOLE_CLASS = {"igd", "mgd3+igd", "minimax-igd"}  # per-class sequential state (
 
 
 IGD_PARAMS = {"surrogate", "igd_epochs", "igd_scale", "igd_gamma", "igd_window", "igd_grad_ipc", "igd_memory",
-              "igd_impl", "igd_cache"}
+              "igd_impl", "igd_refresh", "igd_cache"}
 MGD3_PARAMS = {"mode_scale", "t_stop", "mode_method", "mode_snap", "modes_cache"}
 OTHER_PARAMS = {"finetune", "herding_pool"}  # Minimax's fine-tune folder / .pt; herding's candidate cap
 
 
 def check_method_params(cfg: DistillConfig) -> None:
     """Fail now, not in a Ray actor, on an unknown or badly typed method parameter (``extra:``, ``--set``)."""
-    from raydistill.guidance.influence import check_impl, check_scale, check_window
+    from raydistill.guidance.influence import check_impl, check_refresh, check_scale, check_window
     from raydistill.guidance.mode import _extra, _is_int, _is_number
     from raydistill.modes import MODE_METHODS
 
@@ -96,6 +96,8 @@ def check_method_params(cfg: DistillConfig) -> None:
         check_window(ex["igd_window"])
     if "igd_impl" in ex:
         check_impl(ex["igd_impl"])
+    if "igd_refresh" in ex:
+        check_refresh(ex["igd_refresh"])
     for key in ("igd_grad_ipc", "igd_memory"):
         v = ex.get(key, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

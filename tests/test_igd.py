@@ -63,10 +63,10 @@ def traj(tmp_path_factory, fmnist):
     return _fake_trajectory(tmp_path_factory.mktemp("traj"), fmnist)
 
 
-def _influence(gen, traj, fmnist, epochs=(0, 2), impl="fast", scale=5.0, grad_ipc=50, window=(30, 45)):
+def _influence(gen, traj, fmnist, epochs=(0, 2), impl="fast", scale=5.0, grad_ipc=50, window=(30, 45), refresh=1):
     real = {c: traj.real_gradients(fmnist, c, list(epochs), grad_ipc) for c in (0, 1)}
     return InfluenceGuidance(gen.codec.decode, traj.net, [traj.params(e) for e in epochs], real, scale=scale,
-                             impl=impl, window=window)
+                             impl=impl, window=window, refresh=refresh)
 
 
 def _ctx(gen, x, i, labels, indices=None):
@@ -221,6 +221,41 @@ def test_guidance_acts_exactly_at_respaced_steps_30_to_45(gen, traj, fmnist):
     assert not torch.equal(plain, guided)
 
 
+def test_refresh_computes_every_n_window_steps_and_reuses_the_unit_direction(gen, traj, fmnist):
+    """igd_refresh 3: gradients (and the graph through the DiT) at 45, 42, ..., 30 of every chain; between them the
+    step is the last direction g / RMS(g) times the current 0.0015 * RMS(eps) * sqrt(1 - abar), Eq. 7's size."""
+    inf = _influence(gen, traj, fmnist, refresh=3)
+    computed, seen = [], []
+    gradient, delta = inf.gradient, inf.delta
+    inf.gradient = lambda ctx: (computed.append(ctx.i), gradient(ctx))[1]
+
+    def spy(ctx):
+        d = delta(ctx)
+        size = 5.0 * 0.0015 * ctx.eps.detach().pow(2).flatten(1).mean(1).sqrt() * (1 - ctx.alpha_bar.flatten()).sqrt()
+        seen.append((ctx.i, ctx.x_t.requires_grad, d / size.view(-1, 1, 1, 1)))
+        return d
+
+    inf.delta = spy
+    for _ in range(2):  # a second chain starts afresh at 45
+        computed.clear(), seen.clear()
+        _sample(gen, [inf], [0, 1], [0, 0])
+        assert computed == [45, 42, 39, 36, 33, 30]
+        assert [i for i, with_graph, _ in seen if with_graph] == computed  # no DiT graph on the reuse steps
+        units = {i: u for i, _, u in seen}
+        for i in range(44, 29, -1):
+            torch.testing.assert_close(units[i], units[45 - 3 * ((45 - i) // 3)], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(units[45], units[42])
+    exact = _sample(gen, [_influence(gen, traj, fmnist)], [0, 1], [0, 0])
+    assert torch.equal(exact, _sample(gen, [_influence(gen, traj, fmnist, refresh=1)], [0, 1], [0, 0]))
+    reused = _sample(gen, [_influence(gen, traj, fmnist, refresh=3)], [0, 1], [0, 0])
+    assert torch.isfinite(reused).all() and not torch.equal(exact, reused)
+    inf2 = _influence(gen, traj, fmnist, refresh=2)
+    x = torch.randn(2, 4, 8, 8).requires_grad_()
+    inf2.delta(_ctx(gen, x, 45, [0, 1]))
+    with pytest.raises(RuntimeError, match="another batch"):
+        inf2.delta(_ctx(gen, x.detach(), 44, [1, 0]))
+
+
 def test_fast_and_reference_sample_the_same_images_at_batch_1(gen, traj, fmnist):
     """Three images of a class, one at a time, with both terms: same uint8 images, latents equal to 1e-4.
 
@@ -271,6 +306,7 @@ def test_igd_config_errors(gen, fmnist, traj):
     base = dict(method="igd", extra={"surrogate": str(traj.path), "igd_epochs": [0, 1]})
     for bad, match in [({"igd_scale": -1}, "igd_scale"), ({"igd_window": [45, 30]}, "window"),
                        ({"igd_impl": "turbo"}, "implementation"), ({"igd_epochs": "best"}, "igd_epochs"),
+                       ({"igd_refresh": 0}, "igd_refresh"), ({"igd_refresh": 1.5}, "igd_refresh"),
                        ({"surrogate": "/nonexistent"}, "no surrogate trajectory")]:
         cfg = DistillConfig(**{**base, "extra": {**base["extra"], **bad}})
         with pytest.raises(UserError, match=match):

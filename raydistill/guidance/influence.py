@@ -14,6 +14,13 @@ decoder and DiT backward runs E times). ``fast`` sums the losses of all checkpoi
 takes one ``autograd.grad`` (the per-image losses only depend on their own x_t, so the summed gradient holds every
 image's own gradient): one backward through decoder and DiT per step instead of E, and batches of any size.
 
+``refresh`` (``igd_refresh``, default 1 = exact): an approximate, cheaper option that is not in the paper. The
+influence gradient is computed at the window's first step and then every ``refresh`` steps; on the steps between,
+the last computed direction ``g_inf / RMS(g_inf)`` of each image is reused with the current step's factor
+``0.0015 * RMS(eps_b) * sqrt(1 - abar_i)`` (so the step size follows the schedule as in Eq. 7) and no graph through
+the DiT is built. The cost of the window drops ~``refresh``-fold; its effect on accuracy is measured in
+docs/BENCHMARKS.md section 6, not assumed.
+
 Deviation (Eq. 8): ``mean += -gamma * grad_{x_t} cos(x_t, m*)`` with ``m*`` the memory entry most cosine-similar to
 the noisy x_t; the memory holds the final clean latents of the class's earlier images (FIFO of 64); no normalisation;
 ``cos(a, b) = <a, b> / (|a| |b| + 1e-6)`` as in the code.
@@ -67,6 +74,13 @@ def check_scale(name: str, value) -> float:
     return float(value)
 
 
+def check_refresh(refresh) -> int:
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise UserError(f"igd_refresh must be a positive integer, got {refresh!r}",
+                        "1 computes the influence gradient at every window step (exact IGD); 2-4 reuse it")
+    return refresh
+
+
 def check_impl(impl) -> str:
     if impl not in IMPLS:
         raise UserError(f"unknown IGD implementation {impl!r}", f"use one of {', '.join(IMPLS)}")
@@ -82,6 +96,8 @@ class InfluenceGuidance:
         checkpoints: parameter dicts of the selected epochs (names as in ``surrogate.named_parameters()``).
         real_grads: subset class label -> [E, P] class-mean real gradients at those checkpoints (flat, same order).
         scale: k. window: respaced indices [low, high], inclusive. impl: "fast" or "reference".
+        refresh: recompute the gradient every ``refresh`` window steps and reuse its direction in between
+            (approximate; 1, the default, is the exact term). See the module docstring.
     """
 
     name = "igd-influence"
@@ -89,7 +105,7 @@ class InfluenceGuidance:
     def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], surrogate: nn.Module,
                  checkpoints: Sequence[Mapping[str, torch.Tensor]], real_grads: Mapping[int, torch.Tensor],
                  scale: float = 5.0, window: tuple[int, int] = DEFAULT_WINDOW, impl: str = "fast",
-                 step_constant: float = STEP_CONSTANT) -> None:
+                 step_constant: float = STEP_CONSTANT, refresh: int = 1) -> None:
         if not checkpoints:
             raise UserError("IGD needs at least one surrogate checkpoint", "select epochs, e.g. igd_epochs: [0, 2, 5]")
         self.decode = decode
@@ -100,13 +116,23 @@ class InfluenceGuidance:
         self.window = check_window(window)
         self.impl = check_impl(impl)
         self.step_constant = float(step_constant)
+        self.refresh = check_refresh(refresh)
         self._grads_on: dict[tuple, torch.Tensor] = {}
+        self._last: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (i, labels, indices, unit)
 
     def active(self, i: int) -> bool:
         return self.window[0] <= i <= self.window[1] and self.scale != 0
 
+    def fresh(self, i: int) -> bool:
+        """Whether step ``i`` computes the gradient (always at ``refresh`` 1). A chain visits i in decreasing order,
+        so ``i >= `` the last computed step means a new chain has started."""
+        if self.refresh == 1 or self._last is None:
+            return True
+        last_i = self._last[0]
+        return i >= last_i or last_i - i >= self.refresh
+
     def needs_grad(self, i: int) -> bool:
-        return self.active(i)
+        return self.active(i) and self.fresh(i)
 
     def on_images_done(self, latents, class_labels, image_indices) -> None:
         return None
@@ -178,11 +204,24 @@ class InfluenceGuidance:
         return g
 
     def delta(self, ctx: StepContext) -> torch.Tensor:
+        step = self.step_constant * _rms(ctx.eps.detach()) * (1 - ctx.alpha_bar).sqrt()  # [B, 1, 1, 1]
+        if self.refresh > 1 and not self.fresh(ctx.i):
+            return -self.scale * step * self._reused(ctx)
         g = self.gradient(ctx).detach()
         g_rms = _rms(g)
-        rho = self.step_constant * _rms(ctx.eps.detach()) * (1 - ctx.alpha_bar).sqrt() / g_rms
+        rho = step / g_rms
         rho = torch.where(g_rms > 0, rho, torch.zeros_like(rho))  # a zero gradient (e.g. dead surrogate) adds nothing
+        if self.refresh > 1:  # remember the direction g / RMS(g) for the next refresh - 1 steps
+            unit = torch.where(g_rms > 0, g / g_rms, torch.zeros_like(g))
+            self._last = (ctx.i, ctx.class_labels.detach().clone(), ctx.image_indices.detach().clone(), unit)
         return -self.scale * rho * g
+
+    def _reused(self, ctx: StepContext) -> torch.Tensor:
+        _, labels, indices, unit = self._last
+        if (unit.shape != ctx.x_t.shape or not torch.equal(labels, ctx.class_labels)
+                or not torch.equal(indices, ctx.image_indices)):
+            raise RuntimeError("igd_refresh reuses a gradient of another batch (chains must run one at a time)")
+        return unit
 
 
 class DeviationGuidance:
@@ -290,7 +329,8 @@ def igd_terms_from_config(cfg, ds, codec, labels: list[int], base: str = "dit") 
     ``cfg.extra``: ``surrogate`` (trajectory folder; default: the built-in one for Fashion-MNIST), ``igd_epochs``
     (list, "similarity" = the trajectory's selection.json, or "preset" = spec 2.1's lists), ``igd_scale`` (k) and
     ``igd_gamma`` (default: :data:`IGD_PRESETS`), ``igd_window`` ([30, 45]), ``igd_grad_ipc`` (200), ``igd_memory``
-    (64), ``igd_impl`` ("fast" or "reference"), ``igd_cache`` (real-gradient cache; default ``<out>/../.igd``).
+    (64), ``igd_impl`` ("fast" or "reference"), ``igd_refresh`` (1 = exact; n reuses the gradient, approximate),
+    ``igd_cache`` (real-gradient cache; default ``<out>/../.igd``).
     """
     from pathlib import Path
 
@@ -322,9 +362,10 @@ def igd_terms_from_config(cfg, ds, codec, labels: list[int], base: str = "dit") 
     if isinstance(grad_ipc, bool) or not isinstance(grad_ipc, int) or grad_ipc < 1:
         raise UserError(f"igd_grad_ipc must be a positive integer, got {grad_ipc!r}", "the paper uses 200")
     impl = check_impl(ex.get("igd_impl", "fast"))
+    refresh = check_refresh(ex.get("igd_refresh", 1))
     memory = ex.get("igd_memory", 64)
     cache = ex.get("igd_cache", str(Path(cfg.out).parent / ".igd") if cfg.out is not None else None)
     real = LazyClassModes(labels, lambda c: traj.real_gradients(ds, c, epochs, grad_ipc, cache))
     influence = InfluenceGuidance(codec.decode, traj.net, [traj.params(e) for e in epochs], real, scale=k,
-                                  window=window, impl=impl)
+                                  window=window, impl=impl, refresh=refresh)
     return [DeviationGuidance(gamma=gamma, window=window, memory_size=memory, impl=impl), influence]
