@@ -237,7 +237,8 @@ def test_refresh_computes_every_n_window_steps_and_reuses_the_unit_direction(gen
 
     inf.delta = spy
     for _ in range(2):  # a second chain starts afresh at 45
-        computed.clear(), seen.clear()
+        computed.clear()
+        seen.clear()
         _sample(gen, [inf], [0, 1], [0, 0])
         assert computed == [45, 42, 39, 36, 33, 30]
         assert [i for i, with_graph, _ in seen if with_graph] == computed  # no DiT graph on the reuse steps
@@ -245,8 +246,11 @@ def test_refresh_computes_every_n_window_steps_and_reuses_the_unit_direction(gen
         for i in range(44, 29, -1):
             torch.testing.assert_close(units[i], units[45 - 3 * ((45 - i) // 3)], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(units[45], units[42])
-    exact = _sample(gen, [_influence(gen, traj, fmnist)], [0, 1], [0, 0])
-    assert torch.equal(exact, _sample(gen, [_influence(gen, traj, fmnist, refresh=1)], [0, 1], [0, 0]))
+    one = _influence(gen, traj, fmnist, refresh=1)  # the default: a gradient at every window step, nothing reused
+    gradient_one, computed = one.gradient, []
+    one.gradient = lambda ctx: (computed.append(ctx.i), gradient_one(ctx))[1]
+    exact = _sample(gen, [one], [0, 1], [0, 0])
+    assert computed == list(range(45, 29, -1)) and one._last is None
     reused = _sample(gen, [_influence(gen, traj, fmnist, refresh=3)], [0, 1], [0, 0])
     assert torch.isfinite(reused).all() and not torch.equal(exact, reused)
     inf2 = _influence(gen, traj, fmnist, refresh=2)

@@ -205,7 +205,7 @@ class InfluenceGuidance:
 
     def delta(self, ctx: StepContext) -> torch.Tensor:
         step = self.step_constant * _rms(ctx.eps.detach()) * (1 - ctx.alpha_bar).sqrt()  # [B, 1, 1, 1]
-        if self.refresh > 1 and not self.fresh(ctx.i):
+        if not self.fresh(ctx.i):
             return -self.scale * step * self._reused(ctx)
         g = self.gradient(ctx).detach()
         g_rms = _rms(g)
