@@ -85,7 +85,9 @@ def main() -> None:
                 key = f"{name}|ipc{ipc}|{a.preset}|{a.net}|epochs{a.epochs}|set{a.seed}|net{i}"
                 if key in results["runs"]:
                     continue
-                r = evaluate_images(x, y, ds, a.preset, a.net, 1, seed=1000 * a.seed + i, epochs=a.epochs)
+                where = f"{name} ipc{ipc} {a.preset} net {i + 1}/{a.first_net + a.nets}"
+                r = evaluate_images(x, y, ds, a.preset, a.net, 1, seed=1000 * a.seed + i, epochs=a.epochs,
+                                    progress=lambda m, w=where: print(f"  [{w}] {m.split(': ', 1)[-1]}", flush=True))
                 results["runs"][key] = {"last": r.last_accs[0], "best": r.best_accs[0], "seconds": r.seconds,
                                         "report": r.report, "epochs": r.epochs}
                 results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, " \

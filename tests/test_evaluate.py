@@ -190,6 +190,23 @@ def test_convnet3_learns_separable_problem() -> None:
     assert d["preset"] == "dc" and d["best_accs"][0] >= d["last_accs"][0]
 
 
+def test_progress_reports_passes_while_a_net_trains_and_changes_nothing() -> None:
+    tx, ty = _bright_dark(3, seed=0)
+    vx, vy = _bright_dark(10, seed=1)
+    lines: list[str] = []
+    kw = dict(preset="dc", num_nets=2, epochs=3, seed=1)
+    res = evaluate_synthetic(tx, ty, vx, vy, progress=lines.append, progress_every_s=0, **kw)
+    quiet = evaluate_synthetic(tx, ty, vx, vy, **kw)
+    assert res.last_accs == quiet.last_accs  # the hook sees no model state
+    passes = [ln.split(": ", 1)[1].split(" (")[0] for ln in lines if ": pass " in ln]
+    assert passes == ["pass 1/4", "pass 2/4", "pass 3/4"] * 2  # E + 1 = 4 passes, none after the last
+    assert [ln.split(":")[0] for ln in lines] == ["net 1/2 convnet3"] * 4 + ["net 2/2 convnet3"] * 4
+    assert lines[3].startswith("net 1/2 convnet3: ") and "%" in lines[3] and "left)" in lines[0]
+    slow: list[str] = []
+    evaluate_synthetic(tx, ty, vx, vy, progress=slow.append, **kw)  # default: a line a minute at most
+    assert len(slow) == 2 and all("pass" not in ln for ln in slow)
+
+
 def test_seeds_reproduce_exactly() -> None:
     tx, ty = _bright_dark(3, seed=0)
     vx, vy = _bright_dark(10, seed=1)

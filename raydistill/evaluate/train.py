@@ -48,6 +48,7 @@ __all__ = ["EvalResult", "evaluate_synthetic", "evaluate_synthetic_dataloader"]
 
 ProgressFn = Callable[[str], None]
 EpochFn = Callable[[int, int, float], None]
+PassFn = Callable[[int, int], None]
 
 _TEST_PIXEL_BUDGET = {"cpu": 1 << 18, "other": 1 << 23}  # pixels per test batch (bounded activation memory)
 
@@ -200,6 +201,28 @@ def _train_pass(
         opt.step()
 
 
+def _pass_reporter(
+    progress: ProgressFn | None, every_s: float, net_index: int, num_nets: int, label: str
+) -> PassFn | None:
+    """A ``_fit`` ``on_pass`` hook that sends "net 2/5 convnet3: pass 400/1001 (310 s, ~465 s left)" to ``progress``
+    at most every ``every_s`` seconds (never after the last pass: the finished-net line follows it)."""
+    if progress is None:
+        return None
+    start = last = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done < total and now - last >= every_s:
+            last = now
+            left = (now - start) / done * (total - done)
+            progress(
+                f"net {net_index + 1}/{num_nets} {label}: pass {done}/{total} ({now - start:.0f} s, ~{left:.0f} s left)"
+            )
+
+    return report
+
+
 def _fit(
     model: nn.Module,
     preset: EvalPreset,
@@ -210,10 +233,12 @@ def _fit(
     gen: torch.Generator,
     on_epoch: EpochFn | None,
     net_index: int,
+    on_pass: PassFn | None = None,
 ) -> tuple[float, float]:
     """Run one net through the preset's schedule; returns (last, best) test accuracy in percent.
 
     Epoch numbers given to ``on_epoch`` count completed passes: 1..E+1 for ``dc_step``, 1..E for ``multistep``.
+    ``on_pass(done, total)`` is called after every pass (progress only; it sees no model state).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     accs: list[float] = []
@@ -230,6 +255,8 @@ def _fit(
         decay_at, passes = dc_decay_pass(epochs), epochs + 1
         for ep in range(passes):
             _train_pass(model, opt, batches_fn(), preset, gen)
+            if on_pass is not None:
+                on_pass(ep + 1, passes)
             if ep == decay_at:  # DC: lr *= 0.1 and a fresh optimizer (momentum reset)
                 lr *= preset.lr_decay
                 opt = _make_optimizer(preset, params, lr)
@@ -241,6 +268,8 @@ def _fit(
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, multistep_milestones(preset, epochs), gamma=preset.gamma)
         for epoch in range(1, epochs + 1):
             _train_pass(model, opt, batches_fn(), preset, gen)
+            if on_pass is not None:
+                on_pass(epoch, epochs)
             if epoch == epochs or (eval_every > 0 and epoch % eval_every == 0):
                 evaluate(epoch)
             sched.step()
@@ -381,6 +410,7 @@ def evaluate_synthetic(
     on_epoch: EpochFn | None = None,
     eval_every: int | None = None,
     test_batch_size: int | None = None,
+    progress_every_s: float = 60.0,
 ) -> EvalResult:
     """Score a synthetic set: train ``num_nets`` fresh nets on it under ``preset`` and test on the real test set.
 
@@ -396,11 +426,13 @@ def evaluate_synthetic(
         seed: base seed.
         device: torch device for training and testing.
         epochs: override E (quick runs); default = the preset's E, or IDC's ``ipc_epoch`` for idc/igd.
-        progress: called with one line per finished net, e.g. "net 2/5 convnet3: 73.4% (142 s)".
+        progress: called with one line per finished net, e.g. "net 2/5 convnet3: 73.4% (142 s)", and while a net
+            trains with its pass count and time left, e.g. "net 2/5 convnet3: pass 400/1001 (310 s, ~465 s left)".
         on_epoch: ``on_epoch(net_index, epoch, test_acc)`` whenever test accuracy is computed (every
             ``eval_every`` epochs and after the last); an exception raised there aborts the evaluation (early stop).
         eval_every: test interval in epochs; default = the preset's (dc/dsa: only at the end; idc/igd: E // 100).
         test_batch_size: test mini-batch; default from a pixel budget (large batches).
+        progress_every_s: least seconds between two in-net progress lines (0: one per pass).
 
     Images are resized once to the preset's size when it sets one (bilinear, antialiased Resize + CenterCrop) and
     normalised with the preset's mean/std (dc/dsa before augmentation, idc/igd after it).
@@ -449,7 +481,8 @@ def evaluate_synthetic(
                     m, ((vx[j : j + tbs], vy[j : j + tbs]) for j in range(0, vx.shape[0], tbs)), vx.shape[0]
                 )
 
-            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i)
+            on_pass = _pass_reporter(progress, progress_every_s, i, num_nets, cfg["net_label"])
+            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass)
             last.append(la)
             best.append(be)
             net_seconds.append(time.perf_counter() - t_net)
@@ -505,6 +538,7 @@ def evaluate_synthetic_dataloader(
     on_epoch: EpochFn | None = None,
     eval_every: int | None = None,
     test_batch_size: int = 256,
+    progress_every_s: float = 60.0,
 ) -> EvalResult:
     """Reference pipeline with the same protocol as :func:`evaluate_synthetic`, structured like the original code.
 
@@ -555,7 +589,8 @@ def evaluate_synthetic_dataloader(
                 tl = torch.utils.data.DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, num_workers=0)
                 return _test_accuracy(m, ((a.to(dev), b.to(dev)) for a, b in tl), len(test_ds))
 
-            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i)
+            on_pass = _pass_reporter(progress, progress_every_s, i, num_nets, cfg["net_label"])
+            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass)
             last.append(la)
             best.append(be)
             net_seconds.append(time.perf_counter() - t_net)
