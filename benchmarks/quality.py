@@ -95,16 +95,18 @@ def main() -> None:
                 atomic_write_text(res_path, json.dumps(results, indent=1))
                 print(f"[{name} ipc{ipc} {a.preset}] net {i + 1}/{a.first_net + a.nets}: {r.reported_mean:.2f}% "
                       f"({r.seconds:.0f} s)", flush=True)
-    merged = merged_results(res_path.parent)  # every quality*.json beside it (runs written by parallel processes)
+    merged = merged_results(res_path.parent, also=res_path)  # every quality*.json beside it (parallel processes)
     print_table(merged)
     if a.plot:
         plot(merged, a.plot)
 
 
-def merged_results(folder: Path) -> dict:
-    """The union of ``quality*.json`` in ``folder``: parallel runs write separate files (``--results``)."""
+def merged_results(folder: Path, also: Path | None = None) -> dict:
+    """The union of ``quality*.json`` in ``folder`` and of ``also`` (this run's ``--results``, whatever its name):
+    parallel runs write separate files."""
     out: dict = {"runs": {}, "coverage": {}}
-    for f in sorted(folder.glob("quality*.json")):
+    files = set(folder.glob("quality*.json")) | ({also} if also is not None and also.exists() else set())
+    for f in sorted(files):
         r = json.loads(f.read_text())
         out["runs"].update(r.get("runs", {}))
         out["coverage"].update(r.get("coverage", {}))
@@ -180,15 +182,17 @@ ANCHORS = {
 
 def print_table(results: dict) -> None:
     cov = results.get("coverage", {})
-    print(f"\n{'method':<14} {'IPC':>4} {'preset':<6} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
+    print(f"\n{'method':<14} {'IPC':>4} {'preset':<9} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
           f"{'distance':>8}  published")
     for group, accs in sorted(_groups(results).items()):
-        method, ipc, preset, net, _, set_seed = group.split("|")
+        method, ipc, preset, net, epochs, set_seed = group.split("|")
+        if epochs != "epochsNone":  # a shortened schedule (--epochs) is not the preset's protocol: say so
+            preset = f"{preset}:{epochs[6:]}ep"
         std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
         c = cov.get(f"{method}|{ipc}|{set_seed}")
         c_txt = f"{c['mode_coverage']:>8.2f} {c['mode_distance']:>8.2f}" if c else f"{'-':>8} {'-':>8}"
         pub = ANCHORS.get(method, {}).get(int(ipc[3:]), "")
-        print(f"{method:<14} {ipc[3:]:>4} {preset:<6} {net:<8} {len(accs):>4}  "
+        print(f"{method:<14} {ipc[3:]:>4} {preset:<9} {net:<8} {len(accs):>4}  "
               f"{statistics.mean(accs):6.2f} +- {std:4.2f}  {c_txt}  {pub}")
     ipcs = sorted({int(g.split("|")[1][3:]) for g in _groups(results)})
     print("published distillation anchors: " + "; ".join(

@@ -60,3 +60,17 @@ def test_plot_draws_one_panel_per_setting(quality, tmp_path: Path) -> None:
         width, height = im.size
     assert width == round(6.5 * 2 * 110)  # three settings -> two columns of panels
     assert height > 0.8 * 110
+
+
+def test_results_file_of_any_name_is_in_the_table_and_shortened_runs_are_labelled(quality, tmp_path: Path,
+                                                                                  capsys) -> None:
+    _write(tmp_path)
+    mine = tmp_path / "mine.json"  # --results need not match quality*.json
+    mine.write_text(json.dumps({"runs": {"herding|ipc10|dc|convnet|epochs40|set0|net0": _run(60.0)}}))
+    assert len(quality.merged_results(tmp_path)["runs"]) == 5
+    merged = quality.merged_results(tmp_path, also=mine)
+    assert len(merged["runs"]) == 6
+    quality.print_table(merged)
+    out = capsys.readouterr().out.splitlines()
+    assert next(line for line in out if line.startswith("herding ")).split()[2] == "dc:40ep"
+    assert next(line for line in out if line.startswith("dit ")).split()[2] == "dc"
