@@ -85,9 +85,24 @@ def method_costs(batch: int, rounds: int, surrogate: str | None, refresh: tuple[
     return {"seconds_per_image": res, "ratios": ratios, "rounds": rounds, "batch": batch}
 
 
-# DiT-XL/2 forward cost at 256 px (DiT paper, Table 4): 118.6 GFLOPs per image; H100 SXM dense TF32 peak.
-XL2_GFLOPS = 118.6
+# Dense TF32 tensor-core peaks (SXM parts, no sparsity).
 PEAK_TFLOPS = {"H100": 494.7, "H200": 494.7, "A100": 156.0}
+
+
+def dit_forward_gflops(size: str = "XL/2", px: int = 256) -> float:
+    """FLOPs (2 per multiply-add, as ``torch.utils.flop_counter`` counts them) of one DiT forward on one image, counted
+    on the meta device (no memory, no compute). DiT-XL/2 at 256 px: 237.3 GFLOPs, twice the paper's 118.6 "Gflops"
+    (DiT Table 4), which count multiply-adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raydistill.models.dit import DiTConfig, build_dit
+
+    with torch.device("meta"):
+        dit = build_dit(DiTConfig(size=size, input_size=px // 8, in_channels=4, num_classes=1000))
+        latent, step_or_label = torch.zeros(1, 4, px // 8, px // 8), torch.zeros(1, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            dit(latent, step_or_label, step_or_label)
+    return counter.get_total_flops() / 1e9
 
 
 def gpu_section(batch_sizes: list[int], smoke: bool = False) -> dict:
@@ -121,7 +136,8 @@ def gpu_section(batch_sizes: list[int], smoke: bool = False) -> dict:
     n_params = sum(p.numel() for p in surrogate.parameters())
     real = {c: torch.randn(4, n_params, device=dev) for c in range(10)}
     schedule, sc = Schedule.linear(1000, 50), SamplerConfig(cfg_scale=4.0, cfg_channels=3)
-    res: dict = {"device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)"}
+    res: dict = {"device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)",
+                 "dit_gflops_per_forward": dit_forward_gflops(size, px)}
     rgb_decode = lambda z: codec.decode(z)  # noqa: E731
     for b in batch_sizes:
         for name, terms in (("plain", []), ("igd_fast", [DeviationGuidance(gamma=50.0), InfluenceGuidance(
@@ -144,7 +160,7 @@ def gpu_section(batch_sizes: list[int], smoke: bool = False) -> dict:
             res[f"{name}_b{b}_images_per_s"] = rate
             print(f"gpu {name} batch {b}: {rate:.2f} images/s", flush=True)
         res[f"igd_vs_plain_b{b}"] = res[f"plain_b{b}_images_per_s"] / res[f"igd_fast_b{b}_images_per_s"]
-        tflops = res[f"plain_b{b}_images_per_s"] * 50 * 2 * XL2_GFLOPS / 1000
+        tflops = res[f"plain_b{b}_images_per_s"] * 50 * 2 * res["dit_gflops_per_forward"] / 1000  # 50 steps, CFG x2
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in res["device"]), None)
         res[f"plain_b{b}_dit_tflops"] = tflops
         if peak and not smoke:
