@@ -8,6 +8,12 @@ Stages (each resumable from ``<work>/state.pt``, written atomically every ``ckpt
 3. ``classifier``: a ConvNet-3 trained on the real training set, shipped to measure class consistency.
 Outputs go to ``<out>/{vae,dit}`` (diffusers layout, safetensors), ``<out>/classifier.safetensors`` and
 ``<out>/pretrain.json`` (config, command, log, timings).
+
+The resume state lives outside the work tree by default (``$RAYDISTILL_PRETRAIN_HOME`` or
+``~/.cache/raydistill/pretrain/<dit_size>``), so a run of several hours survives a fresh checkout. ``--vae-from`` /
+``--classifier-from`` reuse a trained VAE / classifier instead of training them; ``--snapshot-every N`` keeps the
+EMA DiT every N steps under ``<work>/snapshots/step-NNNNNN/`` (diffusers layout) for the FID-vs-steps curve of
+``benchmarks/pretrain_curve.py``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,16 @@ class PretrainConfig:
     seed: int = 0
     ckpt_every: int = 250
     log_every: int = 100
+    snapshot_every: int = 0  # 0: no snapshots; N: the EMA DiT every N steps under <work>/snapshots/
+    vae_from: str = ""  # a diffusers AutoencoderKL folder to reuse instead of stage 1
+    classifier_from: str = ""  # a ConvNet-3 safetensors file to reuse instead of stage 3
+
+
+def default_work(dit_size: str) -> Path:
+    """Where resume state lives unless ``--work`` says otherwise: outside the repository's work tree."""
+    home = os.environ.get("RAYDISTILL_PRETRAIN_HOME")
+    root = Path(home) if home else Path.home() / ".cache" / "raydistill" / "pretrain"
+    return root / dit_size.replace("/", "_")
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -84,6 +100,12 @@ class Pretrainer:
     # ---- stage 1: VAE --------------------------------------------------------------------------------------------
     def train_vae(self):
         cfg, dev = self.cfg, self.device
+        if cfg.vae_from:
+            from diffusers import AutoencoderKL
+
+            self.log(f"vae: reused from {cfg.vae_from}")
+            vae = AutoencoderKL.from_pretrained(cfg.vae_from, local_files_only=True, torch_dtype=torch.float32)
+            return vae.to(dev).eval()
         vae = build_small_vae(channels=self.ds.channels).to(dev).train()
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         step = 0
@@ -128,7 +150,7 @@ class Pretrainer:
             means.append(d.mean.cpu())
             stds.append(d.std.cpu())
         mean, std = torch.cat(means), torch.cat(stds)
-        scale = float(1.0 / mean.std())
+        scale = float(vae.config.scaling_factor) if self.cfg.vae_from else float(1.0 / mean.std())
         self.log(f"latents: {tuple(mean.shape)}, posterior-mean std {mean.std():.4f} -> scale {scale:.5f}")
         self.save(lat_mean=mean, lat_std=std, scale=torch.tensor(scale))
         return mean, std, scale
@@ -180,7 +202,19 @@ class Pretrainer:
             if step % cfg.ckpt_every == 0 or step == cfg.dit_steps:
                 self.save(dit=model.state_dict(), dit_ema=ema.state_dict(), dit_opt=opt.state_dict(),
                           dit_step=step, dit_rng=torch.get_rng_state())
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                self.snapshot(ema, step)
         return ema
+
+    def snapshot(self, ema, step: int) -> Path:
+        """The EMA DiT at ``step`` as a diffusers folder (fp32), written to a temporary name and renamed."""
+        final = self.work / "snapshots" / f"step-{step:06d}"
+        if not final.exists():
+            tmp = final.with_name(final.name + ".tmp")
+            copy.deepcopy(ema).save_pretrained(tmp, safe_serialization=True)
+            os.replace(tmp, final)
+            self.log(f"dit: snapshot {final.name}")
+        return final
 
     # ---- stage 3: classifier for the class-consistency check ----------------------------------------------------
     def train_classifier(self):
@@ -189,6 +223,12 @@ class Pretrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         net = build_eval_net("convnet3", self.ds.channels, self.ds.num_classes, self.ds.image_size).to(self.device)
+        if cfg.classifier_from:
+            from safetensors.torch import load_file
+
+            net.load_state_dict(load_file(cfg.classifier_from))
+            self.log(f"classifier: reused from {cfg.classifier_from}")
+            return net.eval()
         if "clf" in self.state:
             net.load_state_dict(self.state["clf"])
             return net.eval()
@@ -268,7 +308,10 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="raydistill pretrain", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "assets" / "fmnist"))
-    ap.add_argument("--work", default="work_pretrain", help="resumable state lives here")
+    ap.add_argument("--work", default=None,
+                    help="resumable state lives here (default: $RAYDISTILL_PRETRAIN_HOME or "
+                         "~/.cache/raydistill/pretrain/<dit-size>, outside the work tree)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for name, f in PretrainConfig.__dataclass_fields__.items():
@@ -277,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
     a = ap.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(a, k) for k in PretrainConfig.__dataclass_fields__ if hasattr(a, k)})
-    Pretrainer(cfg, Path(a.work), Path(a.out), device=a.device,
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    work = Path(a.work) if a.work else default_work(cfg.dit_size)
+    Pretrainer(cfg, work, Path(a.out), device=a.device,
                log=lambda s: print(s, flush=True)).run(" ".join(["raydistill", "pretrain", *sys.argv[1:]]))
 
 

@@ -35,6 +35,7 @@ DIT_SIZES: dict[str, DiTSize] = {
     "B/2": DiTSize(12, 768, 12, 2),
     "S/2": DiTSize(12, 384, 6, 2),
     "fmnist": DiTSize(4, 192, 4, 2),  # the built-in Fashion-MNIST model (8x8x4 latents, 16 tokens)
+    "fmnist-m": DiTSize(6, 256, 4, 2),  # 2.6x the compute of "fmnist": the second size of the pretraining curve
     "test": DiTSize(2, 32, 2, 2),  # tiny random model for fast tests
 }
 
