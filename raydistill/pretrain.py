@@ -56,6 +56,7 @@ class PretrainConfig:
     snapshot_every: int = 0  # 0: no snapshots; N: the EMA DiT every N steps under <work>/snapshots/
     vae_from: str = ""  # a diffusers AutoencoderKL folder to reuse instead of stage 1
     classifier_from: str = ""  # a ConvNet-3 safetensors file to reuse instead of stage 3
+    train_limit: int = 0  # 0: every training image; N: the first N of each class (smoke runs, tests)
 
 
 def default_work(dit_size: str) -> Path:
@@ -83,7 +84,7 @@ class Pretrainer:
         self.cfg, self.work, self.out, self.device, self._log = cfg, work, out, torch.device(device), log
         work.mkdir(parents=True, exist_ok=True)
         self.ds = load_dataset(cfg.dataset, cfg.data_root)
-        self.x, self.y = self.ds.load("train")
+        self.x, self.y = self.ds.load("train", limit=cfg.train_limit or None)
         self.state_path = work / "state.pt"
         self.state: dict = torch.load(self.state_path, weights_only=True) if self.state_path.exists() else {}
         self.lines: list[str] = list(self.state.get("log", []))

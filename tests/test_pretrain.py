@@ -1,0 +1,70 @@
+"""Pretraining job: reused stages, EMA snapshots for the curve, exact resume, state outside the work tree."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from raydistill.pretrain import PretrainConfig, Pretrainer, default_work
+from tests.conftest import make_tiny_model, needs_fmnist
+
+pytestmark = needs_fmnist
+
+
+def _cfg(tmp_path, steps: int) -> PretrainConfig:
+    from safetensors.torch import save_file
+
+    from raydistill.models.evalnets import build_eval_net
+
+    if not (tmp_path / "tiny" / "vae").exists():
+        make_tiny_model(tmp_path / "tiny")
+        net = build_eval_net("convnet3", 1, 10, 28)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "clf.safetensors"))
+    return PretrainConfig(dit_size="test", dit_steps=steps, dit_batch=8, dit_warmup=2, ckpt_every=2,
+                          snapshot_every=2, log_every=2, train_limit=20, vae_from=str(tmp_path / "tiny" / "vae"),
+                          classifier_from=str(tmp_path / "clf.safetensors"))
+
+
+def _run(tmp_path, work: str, steps: int) -> Pretrainer:
+    p = Pretrainer(_cfg(tmp_path, steps), tmp_path / work, tmp_path / f"out-{work}", log=lambda s: None)
+    p.run("raydistill pretrain (test)")
+    return p
+
+
+def test_reused_stages_snapshots_and_export(tmp_path):
+    from raydistill.models.dit import load_dit
+
+    p = _run(tmp_path, "w", 4)
+    snaps = sorted(x.name for x in (tmp_path / "w" / "snapshots").iterdir())
+    assert snaps == ["step-000002", "step-000004"]
+    last = load_dit(tmp_path / "w" / "snapshots" / "step-000004")
+    shipped = load_dit(tmp_path / "out-w" / "dit")  # the export is the same EMA, in fp16
+    for a, b in zip(last.state_dict().values(), shipped.state_dict().values()):
+        assert torch.allclose(a, b.float(), atol=1e-2)
+    info = json.loads((tmp_path / "out-w" / "pretrain.json").read_text())
+    assert any("vae: reused" in line for line in info["log"])
+    assert any("classifier: reused" in line for line in info["log"])
+    vae_cfg = json.loads((tmp_path / "out-w" / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == 1.0  # the reused VAE's own scale, not re-estimated
+    assert len(p.x) == 200  # train_limit: 20 per class
+
+
+def test_resume_continues_exactly_and_keeps_old_snapshots(tmp_path):
+    _run(tmp_path, "once", 6)
+    _run(tmp_path, "split", 4)
+    first = (tmp_path / "split" / "snapshots" / "step-000002" / "diffusion_pytorch_model.safetensors").stat()
+    p = _run(tmp_path, "split", 6)  # a raised target resumes at step 4
+    assert any("dit: resumed at step 4" in line for line in p.lines)
+    again = (tmp_path / "split" / "snapshots" / "step-000002" / "diffusion_pytorch_model.safetensors").stat()
+    assert (first.st_ino, first.st_mtime_ns) == (again.st_ino, again.st_mtime_ns)
+    once = torch.load(tmp_path / "once" / "state.pt", weights_only=True)["dit_ema"]
+    split = torch.load(tmp_path / "split" / "state.pt", weights_only=True)["dit_ema"]
+    assert all(torch.equal(once[k], split[k]) for k in once)
+
+
+def test_default_work_is_outside_the_tree(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYDISTILL_PRETRAIN_HOME", str(tmp_path))
+    assert default_work("S/2") == tmp_path / "S_2"
+    monkeypatch.delenv("RAYDISTILL_PRETRAIN_HOME")
+    assert ".cache" in default_work("fmnist").parts
