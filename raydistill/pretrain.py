@@ -55,6 +55,7 @@ class PretrainConfig:
     log_every: int = 100
     snapshot_every: int = 0  # 0: no snapshots; N: the EMA DiT every N steps under <work>/snapshots/
     vae_from: str = ""  # a diffusers AutoencoderKL folder to reuse instead of stage 1
+    vae_init: str = ""  # a diffusers AutoencoderKL folder to start stage 1 from (fine-tune) instead of random weights
     classifier_from: str = ""  # a ConvNet-3 safetensors file to reuse instead of stage 3
     train_limit: int = 0  # 0: every training image; N: the first N of each class (smoke runs, tests)
 
@@ -108,6 +109,12 @@ class Pretrainer:
             vae = AutoencoderKL.from_pretrained(cfg.vae_from, local_files_only=True, torch_dtype=torch.float32)
             return vae.to(dev).eval()
         vae = build_small_vae(channels=self.ds.channels).to(dev).train()
+        if cfg.vae_init and "vae" not in self.state:
+            from diffusers import AutoencoderKL
+
+            init = AutoencoderKL.from_pretrained(cfg.vae_init, local_files_only=True, torch_dtype=torch.float32)
+            vae.load_state_dict(init.state_dict())
+            self.log(f"vae: initialised from {cfg.vae_init}")
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         step = 0
         if "vae" in self.state:
