@@ -107,3 +107,21 @@ def test_inception_features_from_a_local_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot load Inception-v3"):
         InceptionFeatures(tmp_path / "junk.pth")
+
+
+def test_set_metrics_score_a_set_and_its_real_floor(tmp_path):
+    from raydistill.data import load_dataset
+    from raydistill.evaluate.generator_metrics import set_generator_metrics
+
+    ds = load_dataset("digits")
+    x, y = ds.load("train")
+    net, _ = train_feature_net(x, y, ds.num_classes, epochs=1, batch=64, log=lambda s: None)
+    save_feature_net(net, tmp_path / "f.safetensors", {})
+    real_x, real_y = ds.load("train", limit=3)  # a "set" of 3 real images per class
+    m = set_generator_metrics(ds, real_x, real_y, feature_net=tmp_path / "f.safetensors")
+    assert m["gen_n_generated"] == m["gen_floor_n_generated"] == 30
+    assert m["gen_n_reference"] == ds.num_images("test")
+    blank = set_generator_metrics(ds, torch.zeros_like(real_x), real_y, feature_net=tmp_path / "f.safetensors")
+    assert blank["gen_fid"] > m["gen_fid"] and blank["gen_recall"] <= m["gen_recall"]
+    with pytest.raises(UserError, match="no built-in feature network for digits"):
+        set_generator_metrics(ds, real_x, real_y)

@@ -190,3 +190,19 @@ def split_reference(ds, extractor, k: int = 5, limit: int | None = None) -> Refe
     split = "test" if ds.has_split("test") else "train"
     x, _ = ds.load(split, limit=limit)
     return Reference(features(extractor, x), k=k)
+
+
+def set_generator_metrics(ds, images: torch.Tensor, labels: torch.Tensor, feature_net: str | Path | None = None,
+                          seed: int = 0) -> dict[str, float]:
+    """A distilled set's metrics against the test split (``gen_*``) and those of a random real subset with the same
+    class counts (``gen_floor_*``), as the main job logs them. ``labels`` are subset labels."""
+    extractor = feature_extractor(ds.name, feature_net, channels=ds.channels, num_classes=ds.num_classes)
+    reference = split_reference(ds, extractor)
+    k = min(reference.k, len(images) - 1)
+    if k < 1:
+        raise UserError(f"a set of {len(images)} images is too small for generator metrics", "make at least 2 images")
+    if k != reference.k:
+        reference = Reference(reference.feats, k=k)
+    own = reference.score(features(extractor, images))
+    floor = real_floor(ds, extractor, reference, labels, seed)
+    return {**own.as_dict("gen_"), **floor.as_dict("gen_floor_")}
