@@ -44,6 +44,28 @@ def make_tiny_model(root: Path, num_classes: int = 10, channels: int = 1, seed: 
     return root / "dit", root / "vae"
 
 
+def make_fake_trajectory(path: Path, ds, epochs: int = 3, seed: int = 0):
+    """An IGD surrogate trajectory folder for ``ds`` with random ConvNet-3 snapshots (no training: the maths of the
+    guidance does not care), loaded as a :class:`Trajectory`."""
+    import json
+
+    from raydistill.models.evalnets import build_eval_net
+    from raydistill.surrogate import SurrogateConfig, Trajectory, _write_safetensors
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = SurrogateConfig(net="convnet3", epochs=epochs)
+    meta = {"config": cfg.__dict__, "data": {"dataset": ds.name, "classes": list(ds.class_names),
+                                             "image_size": ds.image_size, "channels": ds.channels,
+                                             "train_images": ds.num_images("train")},
+            "epochs_done": epochs, "log": []}
+    (path / "trajectory.json").write_text(json.dumps(meta))
+    for e in range(epochs + 1):
+        torch.manual_seed(seed + e)
+        net = build_eval_net("convnet3", ds.channels, ds.num_classes, ds.image_size)
+        _write_safetensors(path / f"epoch_{e:03d}.safetensors", dict(net.state_dict()))
+    return Trajectory(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
