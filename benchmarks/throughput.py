@@ -113,7 +113,7 @@ def gpu_section(batch_sizes: list[int], smoke: bool = False) -> dict:
 
     from raydistill.diffusion.sampler import SamplerConfig, dit_denoiser, sample
     from raydistill.diffusion.schedule import Schedule
-    from raydistill.guidance.influence import DeviationGuidance, InfluenceGuidance
+    from raydistill.methods.igd.guidance import DeviationGuidance, InfluenceGuidance
     from raydistill.models.dit import DiTConfig, build_dit
     from raydistill.models.evalnets import build_eval_net
     from raydistill.models.vae import LatentCodec
@@ -226,8 +226,9 @@ def default_job(eval_epochs: int | None) -> dict:
         load_distilled,
         open_dataset,
         selected_labels,
+        set_configs,
     )
-    from raydistill.orchestration.distill_job import run_main_job, set_configs
+    from raydistill.orchestration.distill_job import run_main_job
 
     tmp = Path(tempfile.mkdtemp(prefix="rdjob"))
     cfg = DistillConfig(eval_epochs=eval_epochs)

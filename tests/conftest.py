@@ -49,8 +49,8 @@ def make_fake_trajectory(path: Path, ds, epochs: int = 3, seed: int = 0):
     guidance does not care), loaded as a :class:`Trajectory`."""
     import json
 
+    from raydistill.methods.igd.surrogate import SurrogateConfig, Trajectory, _write_safetensors
     from raydistill.models.evalnets import build_eval_net
-    from raydistill.surrogate import SurrogateConfig, Trajectory, _write_safetensors
 
     path.mkdir(parents=True, exist_ok=True)
     cfg = SurrogateConfig(net="convnet3", epochs=epochs)

@@ -15,8 +15,7 @@ pytestmark = needs_fmnist
 
 def test_herding_picks_distinct_class_images_whose_mean_tracks_the_class_mean(tiny_model):
     from raydistill.data import load_dataset
-    from raydistill.models.vae import load_vae
-    from raydistill.modes import encode_images
+    from raydistill.models.vae import encode_images, load_vae
 
     ds = load_dataset("fashion-mnist")
     codec = load_vae(tiny_model[1], image_size=28)

@@ -69,8 +69,8 @@ def _png_tree(root: Path, corrupt: str | None = None) -> Path:
 
 def _dit_pt(tmp: Path, tiny) -> Path:
     """The tiny model (DiT size "test") saved as an original facebookresearch DiT .pt."""
-    from raydistill.models.dit import DIT_SIZES, DiTConfig, load_dit
-    from raydistill.models.dit_convert import _SHARED, diffusers_to_original
+    from raydistill.models.dit import DIT_SIZES, DiTConfig
+    from raydistill.models.dit_convert import _SHARED, diffusers_to_original, load_dit
 
     sd = load_dit(tiny[0]).state_dict()
     for key in _SHARED.values():  # the original layout has one embedder: tie the tiny model's per-block copies

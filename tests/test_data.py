@@ -125,7 +125,9 @@ def test_digits() -> None:
     assert set(y.tolist()) == set(range(10))
     x16, _ = load_dataset("digits", image_size=16).load("test", label=0)
     assert x16.shape[1:] == (1, 16, 16)
-    assert resolve_classes(ds, ["3", 5, "3"]) == [3, 5]
+    assert resolve_classes(ds, ["3", 5]) == [3, 5]
+    with pytest.raises(UserError, match=r"class '3' \(3\) is selected twice"):
+        resolve_classes(ds, ["3", 5, "3"])
 
 
 # ---------------------------------------------------------------- subsets

@@ -11,9 +11,8 @@ from raydistill.config import DistillConfig
 from raydistill.diffusion.sampler import cfg_predict, dit_denoiser
 from raydistill.errors import UserError
 from raydistill.guidance.base import StepContext
-from raydistill.guidance.influence import DeviationGuidance, InfluenceGuidance, code_cosine, igd_preset
-from raydistill.models.evalnets import build_eval_net
-from raydistill.surrogate import (
+from raydistill.methods.igd.guidance import DeviationGuidance, InfluenceGuidance, code_cosine, igd_preset
+from raydistill.methods.igd.surrogate import (
     SurrogateConfig,
     Trajectory,
     _write_safetensors,
@@ -22,6 +21,7 @@ from raydistill.surrogate import (
     select_by_similarity,
     train_trajectory,
 )
+from raydistill.models.evalnets import build_eval_net
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -305,7 +305,7 @@ def test_batched_deviation_memory_uses_in_batch_predecessors(gen):
 
 
 def test_igd_config_errors(gen, fmnist, traj):
-    from raydistill.guidance.influence import igd_terms_from_config
+    from raydistill.methods.igd.guidance import igd_terms_from_config
 
     base = dict(method="igd", extra={"surrogate": str(traj.path), "igd_epochs": [0, 1]})
     for bad, match in [({"igd_scale": -1}, "igd_scale"), ({"igd_window": [45, 30]}, "window"),

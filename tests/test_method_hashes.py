@@ -33,7 +33,7 @@ EXPECTED = {  # taken on the code before the move (commit 27d0dc5)
 def setup(tiny_model, tmp_path_factory) -> dict:
     """The shared inputs: the tiny model, a fake surrogate on digits and a 2-step Minimax fine-tune of the model."""
     from raydistill.data import load_dataset
-    from raydistill.minimax import FinetuneConfig, finetune
+    from raydistill.methods.minimax.finetune import FinetuneConfig, finetune
 
     root = tmp_path_factory.mktemp("hashes")
     ds = load_dataset("digits")

@@ -11,8 +11,9 @@ from raydistill.config import DistillConfig
 from raydistill.diffusion.sampler import cfg_predict, dit_denoiser
 from raydistill.errors import UserError
 from raydistill.guidance.base import GuidanceTerm, StepContext
-from raydistill.guidance.mode import ModeGuidance
-from raydistill.modes import ModeCache, cluster_latents, discover_modes, encode_images
+from raydistill.methods.mgd3.guidance import ModeGuidance
+from raydistill.methods.mgd3.modes import ModeCache, cluster_latents, discover_modes
+from raydistill.models.vae import encode_images
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -215,7 +216,7 @@ def test_ddim_mode_guidance(tiny_model, fmnist, real_modes):
 # ---- the registered method ----------------------------------------------------------------------------------------
 
 def test_mgd3_method_runs_through_shard_runner_with_cache(tiny_model, tmp_path, monkeypatch):
-    import raydistill.modes as modes_mod
+    import raydistill.methods.mgd3.modes as modes_mod
     from raydistill.distill import GENERATIVE, METHOD_TERMS, ShardRunner, plan_shards
 
     assert "mgd3" in GENERATIVE and "mgd3" in METHOD_TERMS

@@ -12,24 +12,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from raydistill.errors import UserError
-from raydistill.minimax import (
-    ClassMemory,
-    FinetuneConfig,
-    cosine_matrix,
-    finetune,
-    minimax_class_terms,
-    minimax_loss,
-    phase_chunks,
-)
-from raydistill.models.difffit import (
+from raydistill.methods.minimax.difffit import (
     apply_difffit,
     difffit_trainable_count,
     gamma_blocks_of,
     gammas_to_original,
     load_minimax_checkpoint,
 )
-from raydistill.models.dit import DiTConfig, build_dit, load_dit
-from raydistill.models.dit_convert import original_to_diffusers
+from raydistill.methods.minimax.finetune import FinetuneConfig, finetune, phase_chunks
+from raydistill.methods.minimax.losses import ClassMemory, cosine_matrix, minimax_class_terms, minimax_loss
+from raydistill.models.dit import DiTConfig, build_dit
+from raydistill.models.dit_convert import load_dit, original_to_diffusers
 from tests.conftest import needs_fmnist
 from tests.test_dit_loading import _modulate, _random_original, _ref_pos_embed, _ref_timestep_embedding
 
@@ -312,7 +305,7 @@ def test_distill_minimax_writes_a_set_and_missing_finetunes_are_one_line_errors(
     from raydistill.cli import main
     from raydistill.config import BUILTIN_MODEL, DistillConfig
     from raydistill.distill import distill_local
-    from raydistill.minimax import finetune_source
+    from raydistill.methods.minimax.router import finetune_source
 
     dit, vae = tiny_model
     rc = main(["finetune", "--local", "--model", str(dit), "--vae", str(vae), "--classes", "0,1", "--steps", "2",
