@@ -81,8 +81,12 @@ class Generator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> uint8 images [B, C, H, W]."""
-        return to_uint8(self.codec.decode(latents.to(self.device)))
+        """Latents -> uint8 images [B, C, H, W]; a non-finite decode (a damaged VAE) is refused, never written black."""
+        images = self.codec.decode(latents.to(self.device))
+        if not bool(torch.isfinite(images).all()):
+            raise UserError("the VAE decoded non-finite pixels (NaN or inf) from finite latents; the shard is not "
+                            "written", "check the VAE files (--vae), then rerun to resume")
+        return to_uint8(images)
 
     def generate(self, labels: Sequence[int], indices: Sequence[int], seed: int,
                  terms: Sequence[GuidanceTerm] = ()) -> torch.Tensor:

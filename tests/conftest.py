@@ -69,3 +69,30 @@ def make_fake_trajectory(path: Path, ds, epochs: int = 3, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    """The real Fashion-MNIST (tests that use it are marked ``needs_fmnist``)."""
+    from raydistill.data import load_dataset
+
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model, fmnist):
+    """The tiny model as a generator for Fashion-MNIST's labels: 50-step DDPM, on the CPU."""
+    from raydistill.config import DistillConfig
+    from raydistill.generator import load_generator
+
+    dit, vae = tiny_model
+    return load_generator(DistillConfig(model=str(dit), vae=str(vae)), fmnist.dit_labels, fmnist.image_size, "cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private loopback Ray (2 CPUs, no GPU) for the tests of one module."""
+    from raydistill.orchestration.runtime import ray_session
+
+    with ray_session(num_cpus=2, num_gpus=0):
+        yield

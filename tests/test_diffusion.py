@@ -125,7 +125,9 @@ def test_image_is_the_same_at_batch_1_and_16(tiny_dit, sampler):
 
 
 def test_image_seed_is_stable_and_distinct():
-    assert image_seed(0, 3, 5) == image_seed(0, 3, 5)
+    # pinned: a change of the derivation would silently change every image of every set
+    assert (image_seed(0, 3, 5), image_seed(1, 3, 5), image_seed(0, 4, 5)) == (
+        6390908452621712697, 9003702337938959265, 3140329274114343411)
     assert len({image_seed(s, c, k) for s in range(3) for c in range(10) for k in range(20)}) == 600
 
 
@@ -162,3 +164,21 @@ def test_guidance_hook_window_zero_and_effect(tiny_dit):
     assert torch.equal(zero.done[0], same) and zero.done[2].tolist() == [0, 1]
     pushed = sample(den, s, labels, seeds, (4, 8, 8), 10, terms=[_Recorder(30, 45, 0.05)])
     assert not torch.allclose(plain, pushed)
+
+
+def test_non_finite_latents_name_the_step_and_the_term(tiny_dit):
+    """A NaN that appears mid-chain (issue 25.1) stops sampling with one line naming the step and its source."""
+    import copy
+
+    from raydistill.errors import UserError
+
+    s, den = Schedule.linear(1000, 50), dit_denoiser(tiny_dit)
+    labels, seeds = torch.tensor([1, 2]), [5, 6]
+    with pytest.raises(UserError, match=r"after sampling step 11/50 \(respaced index 39\), first from the guidance "
+                                         r"term 'recorder'"):
+        sample(den, s, labels, seeds, (4, 8, 8), 10, terms=[_Recorder(30, 39, float("nan"))])
+    broken = copy.deepcopy(tiny_dit)
+    with torch.no_grad():
+        broken.proj_out_2.bias[0] = float("inf")  # a damaged checkpoint
+    with pytest.raises(UserError, match=r"after sampling step 1/50 .*first from the model's noise prediction"):
+        sample(dit_denoiser(broken), s, labels, seeds, (4, 8, 8), 10)

@@ -222,19 +222,13 @@ def test_original_converted_model_ties_embedders_and_keeps_outputs():
 # ---------------------------------------------------------------------------------------------------------------------
 # the fine-tune: resumable, outputs, sampling
 
-def _fmnist():
-    from raydistill.data import load_dataset
-
-    return load_dataset("fashion-mnist")
-
-
 TINY_FT = dict(steps=6, ckpt_every=2, log_every=1, finetune_ipc=4, memory_size=4, ema_decay=0.9)
 
 
 @needs_fmnist
-def test_interrupted_finetune_resumes_to_the_same_weights(tiny_model, tmp_path):
+def test_interrupted_finetune_resumes_to_the_same_weights(tiny_model, tmp_path, fmnist):
     dit, vae = tiny_model
-    ds = _fmnist()
+    ds = fmnist
     cfg = FinetuneConfig(**TINY_FT)  # 2 classes x 4 images: 1 step per epoch, so 6 epochs and 6 permutations
     labels = [0, 1]
     finetune(ds, dit, vae, tmp_path / "a", cfg, labels=labels, device="cpu")
@@ -270,12 +264,12 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_model, tmp_path):
 
 
 @needs_fmnist
-def test_minimax_sampling_routes_each_class_to_its_phase(tiny_model, tmp_path):
+def test_minimax_sampling_routes_each_class_to_its_phase(tiny_model, tmp_path, fmnist):
     from raydistill.config import DistillConfig
     from raydistill.generator import load_generator
 
     dit, vae = tiny_model
-    ds = _fmnist()
+    ds = fmnist
     cfg = FinetuneConfig(**{**TINY_FT, "steps": 2, "max_classes": 2, "phase_size": 2, "finetune_ipc": 8})
     index = finetune(ds, dit, vae, tmp_path / "ft", cfg, labels=[0, 1, 2], device="cpu")
     assert [p["labels"] for p in index["phases"]] == [[0, 1], [2]]

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import psutil
-import pytest
 import torch
 
 from raydistill.config import DistillConfig
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from raydistill.orchestration.runtime import ray_session
-
-    with ray_session(num_cpus=2, num_gpus=0):
-        yield
 
 
 def _tiny_cfg(tiny_model, out, **kw) -> DistillConfig:
