@@ -254,9 +254,16 @@ def default_job(eval_epochs: int | None) -> dict:
 
 
 def evaluation(epochs: int) -> dict:
+    import importlib.util
+
     from raydistill.data import load_dataset
-    from raydistill.distill import random_real_indices
-    from raydistill.evaluate.train import evaluate_synthetic, evaluate_synthetic_dataloader
+    from raydistill.evaluate.train import evaluate_synthetic
+    from raydistill.methods.baselines import random_real_indices
+
+    spec = importlib.util.spec_from_file_location("eval_reference", Path(__file__).with_name("eval_reference.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    evaluate_synthetic_dataloader = reference.evaluate_synthetic_dataloader
 
     ds = load_dataset("fashion-mnist")
     idx = [i for c in range(10) for i in random_real_indices(ds, c, 10, 0)]
