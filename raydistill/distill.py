@@ -34,14 +34,15 @@ def selected_labels(cfg: DistillConfig, ds: ClassDataset) -> list[int]:
 def plan_shards(cfg: DistillConfig, labels: list[int], shard_size: int | None = None) -> list[Shard]:
     """Split each class's images 0..IPC-1 into shards of ``shard_size`` (None: one shard per class).
 
-    Methods with per-class sequential state (IGD's deviation memory) must keep a class in one shard; they set
-    ``shard_size=None``.
+    Methods with per-class sequential state (a part with ``whole_class``: IGD's deviation memory) must keep a class in
+    one shard; they set ``shard_size=None``.
     """
     from raydistill.diffusion.sampler import image_seed
 
     if shard_size is not None and get_method(cfg.method).whole_class and shard_size < cfg.ipc:
-        raise UserError(f"--shard-size {shard_size} would split classes, but {cfg.method}'s deviation memory needs "
-                        "each class in one shard", "leave --shard-size unset for this method")
+        raise UserError(f"--shard-size {shard_size} would split classes, but {cfg.method} keeps per-class sequential "
+                        "state (IGD's deviation memory), so each class must stay in one shard",
+                        "leave --shard-size unset for this method")
     size = shard_size or cfg.ipc
     shards = []
     for c in labels:

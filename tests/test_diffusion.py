@@ -182,3 +182,24 @@ def test_non_finite_latents_name_the_step_and_the_term(tiny_dit):
         broken.proj_out_2.bias[0] = float("inf")  # a damaged checkpoint
     with pytest.raises(UserError, match=r"after sampling step 1/50 .*first from the model's noise prediction"):
         sample(dit_denoiser(broken), s, labels, seeds, (4, 8, 8), 10)
+
+
+def test_a_checkpoint_that_turns_nan_writes_no_shard(tmp_path):
+    """A DiT whose weights overflow mid-chain: distilling stops with one line and commits nothing (issue 25.1)."""
+    from safetensors.torch import load_file, save_file
+
+    from raydistill.config import DistillConfig
+    from raydistill.distill import distill_local
+    from raydistill.errors import UserError
+    from tests.conftest import make_tiny_model
+
+    dit, vae = make_tiny_model(tmp_path / "m")
+    w = dit / "diffusion_pytorch_model.safetensors"
+    sd = load_file(w)
+    sd["proj_out_2.bias"][0] = float("nan")
+    save_file(sd, w)
+    cfg = DistillConfig(dataset="digits", classes=("0",), ipc=1, steps=3, model=str(dit), vae=str(vae),
+                        out=str(tmp_path / "set"))
+    with pytest.raises(UserError, match=r"not finite .* after sampling step 1/3 .*the model's noise prediction"):
+        distill_local(cfg, device="cpu")
+    assert not list((tmp_path / "set").rglob("*.png")) and not (tmp_path / "set" / "manifest.parquet").exists()
