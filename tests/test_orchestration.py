@@ -115,7 +115,8 @@ def test_mode_discovery_ray_tasks_fill_the_cache_the_sampler_reads(ray_local, ti
     from raydistill.methods.mgd3.guidance import class_modes_loader
     from raydistill.orchestration.modes_job import discover_modes_ray
 
-    cfg = _tiny_cfg(tiny_model, tmp_path / "mgd3" / "set", method="mgd3", classes=("0", "1"), ipc=2)
+    cfg = _tiny_cfg(tiny_model, tmp_path / "mgd3" / "set", method="mgd3", classes=("0", "1"), ipc=2,
+                    extra={"t_stop": 2})  # within the 6 steps
     discover_modes_ray(cfg, log=lambda m: None)
     files = sorted((tmp_path / "mgd3" / ".modes").glob("modes-*.safetensors"))
     assert len(files) == 2

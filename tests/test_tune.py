@@ -78,10 +78,10 @@ def studies(ray_local, tiny_model, tmp_path_factory):
     dit, vae = tiny_model
     mgd3 = _space(tmp, f"""name: tiny-mgd3
 config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: mgd3, classes: ["0", "1"], ipc: 2,
-          steps: 6, batch_size: 2, eval_epochs: 2, num_evals: 1}}
+          steps: 6, batch_size: 2, eval_epochs: 2, num_evals: 1, extra: {{t_stop: 2}}}}
 params:
   mode_scale: {{dist: grid, values: [0.0, 3.0]}}
-  t_stop: {{dist: int, low: 0, high: 5}}
+  t_stop: {{dist: int, low: 0, high: 4}}
 budget: {{num_samples: 1, max_concurrent: 1}}
 evaluation: {{eval_every: 1}}
 """)
@@ -190,7 +190,7 @@ def test_study_whose_every_trial_fails_is_one_error(ray_local, tiny_model, tmp_p
     dit, vae = tiny_model
     space = load_space(_space(tmp_path, f"""name: bad
 config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: mgd3, classes: ["0"], ipc: 1, steps: 2,
-          eval_epochs: 1}}
+          eval_epochs: 1, extra: {{t_stop: -1}}}}
 params: {{t_stop: {{dist: choice, values: [late]}}}}
 budget: {{num_samples: 1}}
 """))
