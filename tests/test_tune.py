@@ -179,7 +179,7 @@ def test_igd_space_without_surrogate_fails_before_ray(tmp_path: Path, capsys) ->
     space = str(Path(__file__).resolve().parents[1] / "tune_spaces" / "igd.yaml")
     assert main(["tune", space, "--set", f"surrogate={tmp_path / 'nowhere'}", "--root", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no surrogate trajectory at" in err[0] and "nowhere" in err[0]
+    assert len(err) == 1 and "surrogate trajectory not found" in err[0] and "nowhere" in err[0]
     assert not (tmp_path / "r").exists()
 
 
