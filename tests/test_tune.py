@@ -184,7 +184,7 @@ def test_igd_space_without_surrogate_fails_before_ray(tmp_path: Path, capsys) ->
 
 
 def test_study_whose_every_trial_fails_is_one_error(ray_local, tiny_model, tmp_path: Path) -> None:
-    """A parameter the space cannot check (it is read when the trial builds its guidance) fails every trial."""
+    """A parameter the space cannot check (a path, read when the trial builds its guidance) fails every trial."""
     from raydistill.orchestration.tune_job import run_study
 
     dit, vae = tiny_model
@@ -194,7 +194,7 @@ config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: igd
 params: {{surrogate: {{dist: choice, values: [{tmp_path / "nowhere"}]}}}}
 budget: {{num_samples: 1}}
 """))
-    expected = r"all 1 trials of study bad failed; the first: .*nowhere"  # typed values fail at load, paths in the trial
+    expected = r"all 1 trials of study bad failed; the first: .*nowhere"  # a path is only read in the trial
     with pytest.raises(UserError, match=expected):
         run_study(space, tmp_path / "runs", log=lambda m: None)
     import mlflow
