@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from raydistill.config import DistillConfig
-from raydistill.consistency import class_consistency, load_builtin_classifier
 from raydistill.data import load_dataset
+from raydistill.evaluate.consistency import class_consistency, load_builtin_classifier
 from raydistill.generator import load_generator
 from raydistill.outputs import atomic_write_text, save_grid
 

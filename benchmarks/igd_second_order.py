@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from raydistill.config import BUILTIN_MODEL
-from raydistill.guidance.influence import InfluenceGuidance, code_cosine
-from raydistill.surrogate import Trajectory
+from raydistill.methods.igd.guidance import InfluenceGuidance, code_cosine
+from raydistill.methods.igd.surrogate import Trajectory
 
 
 def main() -> None:

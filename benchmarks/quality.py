@@ -8,8 +8,9 @@ Distilled sets are cached under ``--root`` (same settings -> resumed, see raydis
     python benchmarks/quality.py --table-only --plot docs/quality.png     # table + bar plot from the results
 
 Run several in parallel with different ``--results benchmarks/results/quality-NAME.json``: the table and plot
-merge every ``quality*.json`` in that folder. Every set's mode coverage (raydistill.coverage) is stored next to its
-accuracies. Method parameters: ``--set KEY=VALUE`` (applied to every method; a method ignores keys it does not use).
+merge every ``quality*.json`` in that folder. Every set's mode coverage (raydistill.evaluate.coverage) is stored
+next to its accuracies. Method parameters: ``--set KEY=VALUE`` (applied to every method; a method ignores keys it
+does not use).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def method_costs(batch: int, rounds: int, surrogate: str | None, refresh: tuple[
     ``igd_refresh`` n (the approximate gradient reuse) at ``batch``, for each n."""
     import statistics
 
-    from raydistill.distill import METHOD_TERMS, ShardRunner
+    from raydistill.distill import ShardRunner
 
     extra = {"surrogate": surrogate} if surrogate else {}
     runners = {}
@@ -60,7 +60,6 @@ def method_costs(batch: int, rounds: int, surrogate: str | None, refresh: tuple[
         cfg = DistillConfig(method=method, ipc=max(batch, 16), extra={**extra, **ex},
                             out=str(Path(tempfile.gettempdir()) / "rdbench-methods" / name))
         runners[name] = ShardRunner(cfg, device="cpu")
-        assert method in METHOD_TERMS
     plans = {  # name -> (runner, batch)
         "plain_b1": ("plain", 1), "igd_fast_b1": ("igd_fast", 1), "igd_reference_b1": ("igd_reference", 1),
         f"plain_b{batch}": ("plain", batch), f"mgd3_b{batch}": ("mgd3", batch),
@@ -113,7 +112,7 @@ def gpu_section(batch_sizes: list[int], smoke: bool = False) -> dict:
 
     from raydistill.diffusion.sampler import SamplerConfig, dit_denoiser, sample
     from raydistill.diffusion.schedule import Schedule
-    from raydistill.guidance.influence import DeviationGuidance, InfluenceGuidance
+    from raydistill.methods.igd.guidance import DeviationGuidance, InfluenceGuidance
     from raydistill.models.dit import DiTConfig, build_dit
     from raydistill.models.evalnets import build_eval_net
     from raydistill.models.vae import LatentCodec
@@ -226,8 +225,9 @@ def default_job(eval_epochs: int | None) -> dict:
         load_distilled,
         open_dataset,
         selected_labels,
+        set_configs,
     )
-    from raydistill.orchestration.distill_job import run_main_job, set_configs
+    from raydistill.orchestration.distill_job import run_main_job
 
     tmp = Path(tempfile.mkdtemp(prefix="rdjob"))
     cfg = DistillConfig(eval_epochs=eval_epochs)
@@ -254,9 +254,16 @@ def default_job(eval_epochs: int | None) -> dict:
 
 
 def evaluation(epochs: int) -> dict:
+    import importlib.util
+
     from raydistill.data import load_dataset
-    from raydistill.distill import random_real_indices
-    from raydistill.evaluate.train import evaluate_synthetic, evaluate_synthetic_dataloader
+    from raydistill.evaluate.train import evaluate_synthetic
+    from raydistill.methods.baselines import random_real_indices
+
+    spec = importlib.util.spec_from_file_location("eval_reference", Path(__file__).with_name("eval_reference.py"))
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    evaluate_synthetic_dataloader = reference.evaluate_synthetic_dataloader
 
     ds = load_dataset("fashion-mnist")
     idx = [i for c in range(10) for i in random_real_indices(ds, c, 10, 0)]

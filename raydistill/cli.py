@@ -50,6 +50,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="DiT: a local diffusers folder or an original DiT .pt (default: built-in)")
     g.add_argument("--model-size", help="DiT size for .pt files (XL/2, L/2, B/2, S/2, fmnist, test)")
     g.add_argument("--vae", help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse)")
+    g.add_argument("--plugin", action="append", metavar="MODULE_OR_FILE.py",
+                   help="import a module or .py file that registers method parts (docs/METHODS.md, \"Adding a "
+                   "method\"); repeatable")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-preset", help="dc (default), dsa, idc, igd")
     g.add_argument("--eval-nets", type=_csv, help="comma-separated nets: convnet, resnet_ap10, resnet18")
@@ -80,6 +83,8 @@ def _config(a: argparse.Namespace, **extra):
     keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
              if hasattr(a, k)]
     over = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+    if getattr(a, "plugin", None):
+        over["plugins"] = tuple(a.plugin)
     over.update(extra)
     preset = read_config_yaml(a.preset, "preset") if getattr(a, "preset", None) else {}
     data = {**preset, **(read_config_yaml(a.config, "config") if a.config else {})}
@@ -90,79 +95,12 @@ def _config(a: argparse.Namespace, **extra):
     return cfg.with_(extra={**cfg.extra, **sets}) if sets else cfg
 
 
-def _check_eval(cfg, ds) -> None:
-    """Fail now, not after sampling, on an unknown evaluation preset or net."""
-    from raydistill.evaluate.presets import get_preset
-    from raydistill.models.evalnets import build_eval_net
-
-    preset = get_preset(cfg.eval_preset)
-    for net in cfg.eval_nets:
-        build_eval_net(net, ds.channels, ds.num_classes, preset.size or ds.image_size)
-
-
-def _check_model(cfg) -> None:
-    """Fail now, not in a Ray actor, on missing model files or a DiT .pt that does not fit --model-size."""
-    from raydistill.generator import resolve_model_paths
-    from raydistill.models.dit import DIT_SIZES, DiTConfig
-
-    dit, vae = resolve_model_paths(cfg)
-    if cfg.model_size is not None and cfg.model_size not in DIT_SIZES:
-        raise UserError(f"unknown DiT size {cfg.model_size!r}", f"use one of {', '.join(DIT_SIZES)}")
-    if not dit.exists():
-        raise UserError(f"DiT checkpoint not found: {dit}", "pass --model a diffusers directory or a DiT .pt file")
-    if dit.is_dir() and not (dit / "config.json").exists():
-        raise UserError(f"{dit} is not a diffusers model directory (no config.json)",
-                        "point --model at the folder that holds config.json and the safetensors weights")
-    if not (vae / "config.json").exists():
-        raise UserError(f"VAE not found at {vae} (no config.json)", "pass --vae a local diffusers AutoencoderKL folder")
-    if dit.is_file():  # an original .pt: check the shapes --model-size fixes (class count, input size: at load)
-        from raydistill.models.dit_convert import _check, _infer, _read
-
-        sd = {k: v for k, v in _read(dit).items() if "gamma" not in k}
-        if "x_embedder.proj.weight" in sd and sd["x_embedder.proj.weight"].ndim == 4:
-            inf = _infer(sd)
-            size = DiTConfig(size=cfg.model_size or "XL/2", in_channels=inf["in_channels"],
-                             num_classes=inf.get("num_classes", 1000), input_size=inf.get("input_size", 32),
-                             learn_sigma=inf.get("learn_sigma", True))
-        else:
-            size = DiTConfig(size=cfg.model_size or "XL/2")
-        _check(sd, size, dit)
-
-
-def _preflight_data(cfg) -> None:
-    from raydistill.distill import open_dataset, selected_labels
-
-    selected_labels(cfg, open_dataset(cfg))
-    _check_model(cfg)
-
-
-def _preflight(cfg, root: str, overwrite: bool) -> None:
-    """Everything a distill run can check before Ray starts: the method parameters, the dataset and classes, the
-    evaluation settings, the model files, and that every output folder may take its set (and, when resumed, that
-    its committed shards are intact). Reads only."""
-    from raydistill.distill import GENERATIVE, check_method_params, open_dataset, selected_labels
-    from raydistill.minimax import MINIMAX_METHODS, finetune_source
-    from raydistill.orchestration.distill_job import set_configs
-    from raydistill.outputs import check_output_dir
-
-    check_method_params(cfg)
-    ds = open_dataset(cfg)
-    selected_labels(cfg, ds)
-    _check_eval(cfg, ds)
-    sets = set_configs(cfg, root)  # the same folders as run_main_job
-    if any(m in GENERATIVE or m == "herding" for m in sets):  # herding encodes with the VAE
-        _check_model(cfg)
-    if cfg.method in MINIMAX_METHODS:
-        finetune_source(cfg)  # a missing or unfinished fine-tune fails here, not in a Ray actor
-    for c in sets.values():
-        check_output_dir(c.out, c.fingerprint(), overwrite)
-
-
 def cmd_distill(a: argparse.Namespace) -> int:
     from raydistill.orchestration.distill_job import format_table, run_main_job
+    from raydistill.preflight import preflight_distill
 
     cfg = _config(a)
-    _preflight(cfg, a.root, a.overwrite)
+    preflight_distill(cfg, a.root, a.overwrite)
     reports = run_main_job(cfg, root=a.root, address=a.address, pool_size=a.pool_size, shard_size=a.shard_size,
                            gpus_per_actor=a.gpus_per_actor, tracking_uri=a.tracking_uri, overwrite=a.overwrite,
                            log=_log)
@@ -173,11 +111,12 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from raydistill.distill import evaluate_images, load_distilled, open_dataset, selected_labels
+    from raydistill.preflight import check_eval
 
     cfg = _config(a, method="random")
     ds = open_dataset(cfg)
     labels = selected_labels(cfg, ds)
-    _check_eval(cfg, ds)
+    check_eval(cfg, ds)
     x, y = load_distilled(a.dir, ds, labels, ipc=cfg.ipc if a.ipc is not None else None)
     print(f"{a.dir}: {len(x)} images, {len(labels)} classes, {tuple(x.shape[1:])}")
     for net in cfg.eval_nets:
@@ -197,35 +136,16 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
         space = replace(space, num_samples=a.num_samples or space.num_samples,
                         time_budget_s=a.time_budget or space.time_budget_s)
-    cfg = space.base_config()
-    from raydistill.distill import GENERATIVE, open_dataset, selected_labels
-
-    ds = open_dataset(cfg)
-    selected_labels(cfg, ds)
-    _check_eval(cfg, ds)
-    if cfg.method in GENERATIVE:
-        _check_model(cfg)
-    if "igd" in cfg.method:
-        _check_surrogate(cfg, ds)
     from raydistill.orchestration.tune_job import format_summary, run_study
+    from raydistill.preflight import check_root, preflight_tune
+
+    check_root(a.root)
+    preflight_tune(space.base_config())
 
     summary = run_study(space, a.root, address=a.address, tracking_uri=a.tracking_uri, log=_log)
     print()
     print(format_summary(summary, space.metric))
     return 0
-
-
-def _check_surrogate(cfg, ds) -> None:
-    """Fail now, not in every trial, when IGD's surrogate trajectory is missing or was trained on other data."""
-    from raydistill.config import BUILTIN_MODEL
-    from raydistill.surrogate import Trajectory
-
-    path = cfg.extra.get("surrogate")
-    if path is None:
-        if ds.name != "fashion-mnist" or cfg.model is not None:
-            raise UserError("IGD needs a surrogate trajectory", "pass --set surrogate=PATH (`raydistill surrogate`)")
-        path = BUILTIN_MODEL / "surrogate"
-    Trajectory(path).check_dataset(ds)
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -246,7 +166,7 @@ def cmd_surrogate(a: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from raydistill.data import load_dataset
-    from raydistill.surrogate import SURROGATE_DEFAULTS, SurrogateConfig
+    from raydistill.methods.igd.surrogate import SURROGATE_DEFAULTS, SurrogateConfig
 
     data = {"name": a.dataset, "root": a.data_root, "image_size": a.image_size, "nclass": a.nclass,
             "phase": a.phase or 0}
@@ -256,7 +176,7 @@ def cmd_surrogate(a: argparse.Namespace) -> int:
                      if getattr(a, f.name, None) is not None})
     cfg = SurrogateConfig(**settings)
     if a.local:
-        from raydistill.surrogate import Trajectory, similarity_selection, train_trajectory
+        from raydistill.methods.igd.surrogate import Trajectory, similarity_selection, train_trajectory
 
         train_trajectory(ds, a.out, cfg, progress=_log)
         sel = similarity_selection(Trajectory(a.out), ds, a.grad_ipc, progress=_log) if a.select else {}
@@ -270,13 +190,14 @@ def cmd_surrogate(a: argparse.Namespace) -> int:
 
 
 def cmd_modes(a: argparse.Namespace) -> int:
-    from raydistill.orchestration.distill_job import set_dir
+    from raydistill.distill import set_dir
     from raydistill.orchestration.modes_job import run_modes_job
+    from raydistill.preflight import preflight_modes
 
     cfg = _config(a, method="mgd3")
     if cfg.out is None and "modes_cache" not in cfg.extra:
         cfg = cfg.with_(out=str(set_dir(a.root, cfg, "mgd3")))  # the cache the distill run will read
-    _preflight_data(cfg)
+    preflight_modes(cfg)
     secs = run_modes_job(cfg, address=a.address, log=_log)
     print(f"modes of {len(cfg.classes or []) or 'all'} classes ready ({secs:.0f} s)")
     return 0
@@ -288,7 +209,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     from raydistill.config import BUILTIN_MODEL
     from raydistill.data import load_dataset, resolve_classes
-    from raydistill.minimax import FinetuneConfig, finetune_config_from, finetune_preset, phase_chunks
+    from raydistill.methods.minimax.finetune import (
+        FinetuneConfig,
+        finetune_config_from,
+        finetune_preset,
+        phase_chunks,
+    )
 
     ds = load_dataset(a.dataset, a.data_root, image_size=a.image_size, nclass=a.nclass, phase=a.phase or 0)
     labels = resolve_classes(ds, list(a.classes) if a.classes else None)
@@ -317,7 +243,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     phases = phase_chunks(labels, cfg)
     _log(f"fine-tune {ds.name}: {len(labels)} classes in {len(phases)} phase(s), settings {asdict(cfg)}")
     if a.local:
-        from raydistill.minimax import finetune
+        from raydistill.methods.minimax.finetune import finetune
 
         index = finetune(ds, dit, vae, out, cfg, labels=labels, model_size=a.model_size, device=a.device,
                          progress=_log)
@@ -347,10 +273,13 @@ def cmd_pretrain(a: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="raydistill", description="Diffusion-based dataset distillation on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)")
+    from raydistill.methods import method_names, methods_help
+
+    d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)",
+                       epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(d)
-    d.add_argument("--method", help="dit (default), random, herding, mgd3, igd, mgd3+igd, minimax, minimax-igd, "
-                   "minimax+mgd3 (minimax*: --set finetune=DIR from `raydistill finetune`)")
+    d.add_argument("--method", help=f"{', '.join(method_names())}, or more parts joined by '+' (default dit; "
+                   "minimax*: --set finetune=DIR from `raydistill finetune`; parameters: see below)")
     d.add_argument("--preset", help="YAML of config keys incl. extra (e.g. a tune study's best.yaml); --config and "
                    "flags override it")
     d.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",

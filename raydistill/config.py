@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from raydistill.errors import UserError
 
-METHODS = ("random", "herding", "dit", "mgd3", "igd", "mgd3+igd", "minimax", "minimax-igd", "minimax+mgd3")
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
 
 
@@ -46,25 +46,45 @@ class DistillConfig:
     num_evals: int = 1  # nets per network type; the default job stays under 15 min on 2 cores
     eval_epochs: int | None = None
     baselines: tuple[str, ...] = ("random",)
-    coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.coverage)
+    coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.evaluate.coverage)
     # output
     out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>
+    plugins: tuple[str, ...] = ()  # modules / .py files that register method parts (raydistill.methods.register)
     extra: dict[str, Any] = field(default_factory=dict)  # method parameters (weights, windows, ...)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ipc, int) or self.ipc <= 0:
+        """Every field checked once, before anything runs: one line naming the bad value (issue 25)."""
+        from raydistill.methods import MAX_IPC, check_extra, get_method, load_plugins
+
+        load_plugins(self.plugins)  # before the method names are looked up
+        if isinstance(self.ipc, bool) or not isinstance(self.ipc, int) or self.ipc <= 0:
             raise UserError(f"IPC must be a positive integer, got {self.ipc!r}", "pass --ipc 1 or more")
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+        if self.ipc > MAX_IPC:
+            raise UserError(f"IPC {self.ipc} is above the limit of {MAX_IPC} images per class",
+                            "pass a smaller --ipc (published tables use 1 to 100)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"seed must be an integer >= 0, got {self.seed!r}", "pass --seed 0 or another")
+        get_method(self.method)
         for b in self.baselines:
-            if b not in METHODS:
-                raise UserError(f"unknown baseline {b!r}", f"use one of {', '.join(METHODS)}")
+            try:
+                get_method(b)
+            except UserError as e:
+                raise UserError(f"baseline: {e.problem}", e.fix) from None
         if self.steps <= 0 or self.batch_size <= 0 or self.num_evals < 0:
             raise UserError("steps and batch size must be positive and num_evals >= 0", "fix the config values")
         if self.sampler not in ("ddpm", "ddim"):
             raise UserError(f"unknown sampler {self.sampler!r}", "use ddpm or ddim")
-        if self.cfg_scale < 0:
-            raise UserError(f"cfg_scale must be >= 0, got {self.cfg_scale}", "pass --cfg-scale 1 to turn CFG off")
+        if (isinstance(self.cfg_scale, bool) or not isinstance(self.cfg_scale, (int, float))
+                or not math.isfinite(self.cfg_scale) or self.cfg_scale < 0):
+            raise UserError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}",
+                            "pass --cfg-scale 4 (the paper), or 1 to turn CFG off")
+        if self.classes is not None:
+            if not self.classes:
+                raise UserError("classes is empty", "name at least one class, or leave --classes out for all classes")
+            dup = sorted({c for c in self.classes if list(self.classes).count(c) > 1})
+            if dup:
+                raise UserError(f"class {dup[0]!r} is listed twice in classes", "name every class once")
+        check_extra(self.extra, self)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -77,7 +97,7 @@ class DistillConfig:
         if unknown:
             raise UserError(f"unknown config key(s): {', '.join(unknown)}", f"valid keys: {', '.join(sorted(known))}")
         d = dict(d)
-        for k in ("classes", "eval_nets", "baselines"):
+        for k in ("classes", "eval_nets", "baselines", "plugins"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(str(v) for v in d[k])
         try:
@@ -85,18 +105,13 @@ class DistillConfig:
         except TypeError as e:
             raise UserError(f"bad config: {e}", "check the value types") from e
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> DistillConfig:
-        data = read_config_yaml(path)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
-
     def with_(self, **kw: Any) -> DistillConfig:
         return replace(self, **kw)
 
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
-        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage"}
+        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
+                "plugins"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def fingerprint(self) -> str:

@@ -17,8 +17,9 @@ from raydistill.diffusion.sampler import SamplerConfig, dit_denoiser, image_seed
 from raydistill.diffusion.schedule import Schedule
 from raydistill.errors import UserError
 from raydistill.guidance.base import GuidanceTerm
-from raydistill.minimax import MINIMAX_METHODS
-from raydistill.models.dit import dit_config_of, load_dit
+from raydistill.methods import get_method
+from raydistill.models.dit import dit_config_of
+from raydistill.models.dit_convert import load_dit
 from raydistill.models.vae import LatentCodec, load_vae
 from raydistill.outputs import to_uint8
 
@@ -35,7 +36,7 @@ class Generator:
     sampler: SamplerConfig
     dit_labels: list[int]  # subset label -> model label
     device: torch.device
-    router: object | None = None  # Minimax phases: a raydistill.minimax.PhaseRouter (one fine-tune per class chunk)
+    router: object | None = None  # Minimax phases: a methods.minimax.router.PhaseRouter (one fine-tune per class chunk)
 
     @property
     def null_label(self) -> int:
@@ -80,8 +81,12 @@ class Generator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> uint8 images [B, C, H, W]."""
-        return to_uint8(self.codec.decode(latents.to(self.device)))
+        """Latents -> uint8 images [B, C, H, W]; a non-finite decode (a damaged VAE) is refused, never written black."""
+        images = self.codec.decode(latents.to(self.device))
+        if not bool(torch.isfinite(images).all()):
+            raise UserError("the VAE decoded non-finite pixels (NaN or inf) from finite latents; the shard is not "
+                            "written", "check the VAE files (--vae), then rerun to resume")
+        return to_uint8(images)
 
     def generate(self, labels: Sequence[int], indices: Sequence[int], seed: int,
                  terms: Sequence[GuidanceTerm] = ()) -> torch.Tensor:
@@ -109,10 +114,9 @@ def load_generator(cfg: DistillConfig, dit_labels: list[int], image_size: int,
     device = torch.device(device) if device is not None else default_device()
     dit_path, vae_path = resolve_model_paths(cfg)
     router = None
-    if cfg.method in MINIMAX_METHODS:  # the DiffFit fine-tune (its EMA), routed per class phase
-        from raydistill.minimax import load_minimax_dit
-
-        dit, router = load_minimax_dit(cfg, dit_path, device)
+    model = get_method(cfg.method).model
+    if model is not None:  # a model part (Minimax: the DiffFit fine-tune's EMA, routed per class phase)
+        dit, router = model.load_model(cfg, dit_path, device)
     else:
         dit = load_dit(dit_path, size=cfg.model_size, device=device)
     num_classes = int(dit.config.num_embeds_ada_norm)

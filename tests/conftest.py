@@ -44,6 +44,55 @@ def make_tiny_model(root: Path, num_classes: int = 10, channels: int = 1, seed: 
     return root / "dit", root / "vae"
 
 
+def make_fake_trajectory(path: Path, ds, epochs: int = 3, seed: int = 0):
+    """An IGD surrogate trajectory folder for ``ds`` with random ConvNet-3 snapshots (no training: the maths of the
+    guidance does not care), loaded as a :class:`Trajectory`."""
+    import json
+
+    from raydistill.methods.igd.surrogate import SurrogateConfig, Trajectory, _write_safetensors
+    from raydistill.models.evalnets import build_eval_net
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = SurrogateConfig(net="convnet3", epochs=epochs)
+    meta = {"config": cfg.__dict__, "data": {"dataset": ds.name, "classes": list(ds.class_names),
+                                             "image_size": ds.image_size, "channels": ds.channels,
+                                             "train_images": ds.num_images("train")},
+            "epochs_done": epochs, "log": []}
+    (path / "trajectory.json").write_text(json.dumps(meta))
+    for e in range(epochs + 1):
+        torch.manual_seed(seed + e)
+        net = build_eval_net("convnet3", ds.channels, ds.num_classes, ds.image_size)
+        _write_safetensors(path / f"epoch_{e:03d}.safetensors", dict(net.state_dict()))
+    return Trajectory(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    """The real Fashion-MNIST (tests that use it are marked ``needs_fmnist``)."""
+    from raydistill.data import load_dataset
+
+    return load_dataset("fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model, fmnist):
+    """The tiny model as a generator for Fashion-MNIST's labels: 50-step DDPM, on the CPU."""
+    from raydistill.config import DistillConfig
+    from raydistill.generator import load_generator
+
+    dit, vae = tiny_model
+    return load_generator(DistillConfig(model=str(dit), vae=str(vae)), fmnist.dit_labels, fmnist.image_size, "cpu")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private loopback Ray (2 CPUs, no GPU) for the tests of one module."""
+    from raydistill.orchestration.runtime import ray_session
+
+    with ray_session(num_cpus=2, num_gpus=0):
+        yield

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from raydistill.config import DistillConfig
-from raydistill.distill import distill_local, herding_indices, load_distilled, random_real_indices
+from raydistill.distill import distill_local, load_distilled
+from raydistill.errors import UserError
+from raydistill.methods.baselines import herding_indices, random_real_indices
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -15,8 +17,7 @@ pytestmark = needs_fmnist
 
 def test_herding_picks_distinct_class_images_whose_mean_tracks_the_class_mean(tiny_model):
     from raydistill.data import load_dataset
-    from raydistill.models.vae import load_vae
-    from raydistill.modes import encode_images
+    from raydistill.models.vae import encode_images, load_vae
 
     ds = load_dataset("fashion-mnist")
     codec = load_vae(tiny_model[1], image_size=28)
@@ -52,5 +53,5 @@ def test_random_subset_is_seeded_and_within_the_class():
     a, b = random_real_indices(ds, 3, 10, 0), random_real_indices(ds, 3, 10, 1)
     assert np.array_equal(a, random_real_indices(ds, 3, 10, 0)) and not np.array_equal(a, b)
     assert set(a.tolist()) <= set(ds.indices("train", 3).tolist())
-    with pytest.raises(Exception, match="fewer than IPC"):
+    with pytest.raises(UserError, match="fewer than IPC"):
         random_real_indices(ds, 3, 10**6, 0)

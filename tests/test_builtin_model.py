@@ -34,7 +34,7 @@ def test_shipped_files_and_provenance():
 
 def test_builtin_samples_are_class_consistent_small(generator):
     """20 images (2 per class): a fixed-seed regression check of the bar measured in docs/BENCHMARKS.md."""
-    from raydistill.consistency import class_consistency, load_builtin_classifier
+    from raydistill.evaluate.consistency import class_consistency, load_builtin_classifier
 
     res = class_consistency(generator, load_builtin_classifier(), 10, per_class=2, seed=0)
     assert res.images.shape == (20, 1, 28, 28) and res.images.dtype == torch.uint8
@@ -43,7 +43,7 @@ def test_builtin_samples_are_class_consistent_small(generator):
 
 @pytest.mark.slow
 def test_builtin_model_meets_85_percent_bar(generator):
-    from raydistill.consistency import class_consistency, load_builtin_classifier
+    from raydistill.evaluate.consistency import class_consistency, load_builtin_classifier
 
     res = class_consistency(generator, load_builtin_classifier(), 10, per_class=100, seed=0)
     assert res.overall >= 85.0, res.per_class

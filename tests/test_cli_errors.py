@@ -69,8 +69,8 @@ def _png_tree(root: Path, corrupt: str | None = None) -> Path:
 
 def _dit_pt(tmp: Path, tiny) -> Path:
     """The tiny model (DiT size "test") saved as an original facebookresearch DiT .pt."""
-    from raydistill.models.dit import DIT_SIZES, DiTConfig, load_dit
-    from raydistill.models.dit_convert import _SHARED, diffusers_to_original
+    from raydistill.models.dit import DIT_SIZES, DiTConfig
+    from raydistill.models.dit_convert import _SHARED, diffusers_to_original, load_dit
 
     sd = load_dit(tiny[0]).state_dict()
     for key in _SHARED.values():  # the original layout has one embedder: tie the tiny model's per-block copies
@@ -134,6 +134,33 @@ def _folder(tmp: Path, bad_class: str) -> Path:
     for name in ("cat", bad_class):
         (root / "train" / name).mkdir(parents=True)
         (root / "train" / name / "0.png").write_bytes(png_bytes(torch.zeros(3, 8, 8, dtype=torch.uint8)))
+    return root
+
+
+def _damaged_model(t: Path, tiny, how: str) -> list[str]:
+    """Distill flags with a copy of the tiny model damaged ``how``: a truncated DiT, a VAE whose config.json does
+    not describe its weights."""
+    import json
+
+    dit, vae = shutil.copytree(tiny[0], t / "dit"), shutil.copytree(tiny[1], t / "vae")
+    if how == "truncated dit":
+        w = dit / "diffusion_pytorch_model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    else:
+        cfg = json.loads((vae / "config.json").read_text())
+        cfg["block_out_channels"] = [16, 16, 16]
+        (vae / "config.json").write_text(json.dumps(cfg))
+    return ["--model", str(dit), "--vae", str(vae)]
+
+
+def _corrupt_folder(t: Path) -> Path:
+    """A `folder` dataset whose class 'dog' holds one garbage .png among good ones."""
+    root = t / "folder"
+    for name in ("cat", "dog"):
+        (root / "train" / name).mkdir(parents=True)
+        for k in range(2):
+            (root / "train" / name / f"{k}.png").write_bytes(png_bytes(torch.full((3, 8, 8), k, dtype=torch.uint8)))
+    (root / "train" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
     return root
 
 
@@ -220,9 +247,9 @@ CASES: dict[str, tuple[Case, str]] = {
     "igd surrogate missing": (lambda t, m: (_distill(t, "--method", "igd", "--set", f"surrogate={t / 'traj'}"),
                                             None), r"surrogate trajectory not found: .*traj"),
     "mgd3 mode method nosuch": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "mode_method=spectral"), None),
-                                r"extra\.mode_method must be one of kmeans, gmm, got 'spectral'"),
+                                r"mode_method must be one of kmeans, gmm, got 'spectral'"),
     "mode scale negative": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "mode_scale=-0.1"), None),
-                            r"extra\.mode_scale must be a number >= 0"),
+                            r"mode_scale must be a finite number >= 0"),
     "unknown --set key": (lambda t, m: (_distill(t, "--set", "igd_windw=[30,45]"), None),
                           r"unknown method parameter\(s\): igd_windw"),
     "--set without =": (lambda t, m: (_distill(t, "--set", "igd_window"), None), r"expected KEY=VALUE"),
@@ -232,7 +259,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "config ipc not a number": (lambda t, m: (["distill", "--config", str(_yaml(t, "ipc: ten\n"))], t),
                                 r"IPC must be a positive integer, got 'ten'"),
     "config cfg weight negative": (lambda t, m: (["distill", "--config", str(_yaml(t, "cfg_scale: -2\n"))], t),
-                                   r"cfg_scale must be >= 0, got -2"),
+                                   r"cfg_scale must be a finite number >= 0, got -2"),
     "config classes nosuch": (lambda t, m: (["distill", "--data-root", F, "--config",
                                              str(_yaml(t, "classes: [trouser, nosuch]\n"))], t),
                               r"unknown class 'nosuch'"),
@@ -260,6 +287,47 @@ CASES: dict[str, tuple[Case, str]] = {
     "resume: manifest rows removed": (lambda t, m: _resume(t, "manifest"),
                                       r"manifest\.parquet does not match the shard manifests .*delete .*manifest"
                                       r"\.parquet to rebuild it"),
+    # issue 25.1: every float parameter finite and in range, before Ray starts
+    "cfg scale nan": (lambda t, m: (_distill(t, "--cfg-scale", "nan"), None), r"cfg_scale must be a finite number "
+                      r">= 0, got nan"),
+    "cfg scale inf": (lambda t, m: (_distill(t, "--cfg-scale", "inf"), None), r"cfg_scale must be a finite number"),
+    "igd scale nan": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_scale=.nan"), None),
+                      r"igd_scale must be a finite number >= 0, got nan"),
+    "igd gamma inf": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_gamma=.inf"), None),
+                      r"igd_gamma must be a finite number >= 0, got inf"),
+    "mode scale nan": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "mode_scale=.nan"), None),
+                       r"mode_scale must be a finite number >= 0, got nan"),
+    "surrogate lr nan": (lambda t, m: (["surrogate", "--local", "--out", str(t / "traj"), "--lr", "nan"], None),
+                         r"surrogate lr must be a finite number > 0, got nan"),
+    "surrogate lr inf": (lambda t, m: (["surrogate", "--local", "--out", str(t / "traj"), "--lr", "inf"], None),
+                         r"surrogate lr must be a finite number > 0, got inf"),
+    # issue 25.4: range checks
+    "t_stop 100": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "t_stop=100"), None),
+                   r"t_stop must be an integer in -1\.\.48 for 50 steps .*got 100"),
+    "t_stop -5": (lambda t, m: (_distill(t, "--method", "mgd3", "--set", "t_stop=-5"), None),
+                  r"t_stop must be an integer >= -1, got -5"),
+    "seed -1": (lambda t, m: (_distill(t, "--method", "random", "--seed", "-1"), None),
+                r"seed must be an integer >= 0, got -1"),
+    "root is a file": (lambda t, m: (_distill(t, "--method", "random", "--root", str(_yaml(t, "x: 1\n"))), t),
+                       r"output root .*cfg\.yaml is not a folder"),
+    "ipc 1e9": (lambda t, m: (_distill(t, "--ipc", "1000000000"), None),
+                r"IPC 1000000000 is above the limit of 10000 images per class"),
+    "ipc above the class's real images": (lambda t, m: (_distill(t, "--method", "herding", "--ipc", "7000"), None),
+                                          r"class 't-shirt_top' has 6000 training images, fewer than IPC 7000"),
+    "classes twice": (lambda t, m: (_distill(t, "--classes", "coat,coat"), None),
+                      r"class 'coat' is listed twice in classes"),
+    "classes twice (name and label)": (lambda t, m: (_distill(t, "--classes", "coat,4"), None),
+                                       r"class '4' \(coat\) is selected twice"),
+    "classes empty": (lambda t, m: (_distill(t, "--classes", ""), None), r"classes is empty"),
+    # issue 25.3: damaged model files and images found before Ray starts
+    "dit weights truncated": (lambda t, m: (_distill(t, *_damaged_model(t, m, "truncated dit")), t / "dit"),
+                              r"cannot read the DiT weights .*dit/diffusion_pytorch_model\.safetensors .*truncated"),
+    "vae config does not match its weights": (
+        lambda t, m: (_distill(t, *_damaged_model(t, m, "vae config")), t / "vae"),
+        r"the VAE weights in .*vae do not match its config\.json: .* has shape"),
+    "folder image corrupt": (lambda t, m: (["distill", "--dataset", "folder", "--data-root", str(_corrupt_folder(t)),
+                                            "--method", "random", "--ipc", "1", "--root", str(t / "runs")],
+                                           t / "folder"), r"cannot decode image .*dog/1\.png"),
     "evaluate ipc above set": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
                                               "0,1", "--ipc", "5"], t / "set"),
                                r"has 3 images in .*fewer than IPC 5"),
@@ -270,9 +338,11 @@ CASES: dict[str, tuple[Case, str]] = {
 NO_FMNIST = {"missing data root", "unknown dataset", "unknown command", "no command", "config missing",
              "ipc 0", "ipc -3", "ipc not a number", "steps 0 (argparse)", "unknown option", "unknown method",
              "igd window reversed", "igd window not a pair", "igd scale negative", "igd gamma not a number",
-             "igd grad ipc 0", "igd surrogate missing", "mgd3 mode method nosuch", "mode scale negative",
+             "igd grad ipc 0", "mgd3 mode method nosuch", "mode scale negative",
              "unknown --set key", "--set without =", "config igd window reversed", "config ipc not a number",
-             "config cfg weight negative", "image size 0", "folder class name with .."}
+             "config cfg weight negative", "image size 0", "folder class name with ..", "cfg scale nan",
+             "cfg scale inf", "igd scale nan", "igd gamma inf", "mode scale nan", "t_stop 100", "t_stop -5",
+             "seed -1", "ipc 1e9", "folder image corrupt"}
 
 
 def _truncate(t: Path) -> Path:

@@ -1,12 +1,12 @@
-"""Mode coverage and spread (raydistill.coverage) on hand-made latents."""
+"""Mode coverage and spread (raydistill.evaluate.coverage) on hand-made latents."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raydistill.coverage import class_coverage
 from raydistill.errors import UserError
+from raydistill.evaluate.coverage import class_coverage
 
 
 def _blobs(k: int = 4, per: int = 50, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,9 +15,7 @@ from raydistill.data import DATASET_NAMES, load_dataset, resolve_classes, safe_c
 from raydistill.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST
 from raydistill.data.subsets import imagenet_wnids, subset_classes
 from raydistill.errors import UserError
-
-HAS_FMNIST = Path(DEFAULT_ROOT, "train-images-idx3-ubyte.gz").is_file()
-needs_fmnist = pytest.mark.skipif(not HAS_FMNIST, reason="apt-get install dataset-fashion-mnist")
+from tests.conftest import needs_fmnist
 
 # Spec §0.3, transcribed: wnid (ImageNet index).
 SPEC_NETTE = [
@@ -125,7 +123,9 @@ def test_digits() -> None:
     assert set(y.tolist()) == set(range(10))
     x16, _ = load_dataset("digits", image_size=16).load("test", label=0)
     assert x16.shape[1:] == (1, 16, 16)
-    assert resolve_classes(ds, ["3", 5, "3"]) == [3, 5]
+    assert resolve_classes(ds, ["3", 5]) == [3, 5]
+    with pytest.raises(UserError, match=r"class '3' \(3\) is selected twice"):
+        resolve_classes(ds, ["3", 5, "3"])
 
 
 # ---------------------------------------------------------------- subsets

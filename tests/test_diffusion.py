@@ -125,7 +125,9 @@ def test_image_is_the_same_at_batch_1_and_16(tiny_dit, sampler):
 
 
 def test_image_seed_is_stable_and_distinct():
-    assert image_seed(0, 3, 5) == image_seed(0, 3, 5)
+    # pinned: a change of the derivation would silently change every image of every set
+    assert (image_seed(0, 3, 5), image_seed(1, 3, 5), image_seed(0, 4, 5)) == (
+        6390908452621712697, 9003702337938959265, 3140329274114343411)
     assert len({image_seed(s, c, k) for s in range(3) for c in range(10) for k in range(20)}) == 600
 
 
@@ -162,3 +164,42 @@ def test_guidance_hook_window_zero_and_effect(tiny_dit):
     assert torch.equal(zero.done[0], same) and zero.done[2].tolist() == [0, 1]
     pushed = sample(den, s, labels, seeds, (4, 8, 8), 10, terms=[_Recorder(30, 45, 0.05)])
     assert not torch.allclose(plain, pushed)
+
+
+def test_non_finite_latents_name_the_step_and_the_term(tiny_dit):
+    """A NaN that appears mid-chain (issue 25.1) stops sampling with one line naming the step and its source."""
+    import copy
+
+    from raydistill.errors import UserError
+
+    s, den = Schedule.linear(1000, 50), dit_denoiser(tiny_dit)
+    labels, seeds = torch.tensor([1, 2]), [5, 6]
+    with pytest.raises(UserError, match=r"after sampling step 11/50 \(respaced index 39\), first from the guidance "
+                                         r"term 'recorder'"):
+        sample(den, s, labels, seeds, (4, 8, 8), 10, terms=[_Recorder(30, 39, float("nan"))])
+    broken = copy.deepcopy(tiny_dit)
+    with torch.no_grad():
+        broken.proj_out_2.bias[0] = float("inf")  # a damaged checkpoint
+    with pytest.raises(UserError, match=r"after sampling step 1/50 .*first from the model's noise prediction"):
+        sample(dit_denoiser(broken), s, labels, seeds, (4, 8, 8), 10)
+
+
+def test_a_checkpoint_that_turns_nan_writes_no_shard(tmp_path):
+    """A DiT whose weights overflow mid-chain: distilling stops with one line and commits nothing (issue 25.1)."""
+    from safetensors.torch import load_file, save_file
+
+    from raydistill.config import DistillConfig
+    from raydistill.distill import distill_local
+    from raydistill.errors import UserError
+    from tests.conftest import make_tiny_model
+
+    dit, vae = make_tiny_model(tmp_path / "m")
+    w = dit / "diffusion_pytorch_model.safetensors"
+    sd = load_file(w)
+    sd["proj_out_2.bias"][0] = float("nan")
+    save_file(sd, w)
+    cfg = DistillConfig(dataset="digits", classes=("0",), ipc=1, steps=3, model=str(dit), vae=str(vae),
+                        out=str(tmp_path / "set"))
+    with pytest.raises(UserError, match=r"not finite .* after sampling step 1/3 .*the model's noise prediction"):
+        distill_local(cfg, device="cpu")
+    assert not list((tmp_path / "set").rglob("*.png")) and not (tmp_path / "set" / "manifest.parquet").exists()

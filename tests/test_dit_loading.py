@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.errors import UserError
-from raydistill.models.dit import DiTConfig, build_dit, load_dit
+from raydistill.models.dit import DiTConfig, build_dit, set_dit_numerics
 from raydistill.models.dit_convert import (
     diffusers_to_original,
     get_2d_sincos_pos_embed,
+    load_dit,
     load_original_dit,
     original_shapes,
     original_to_diffusers,
-    set_dit_numerics,
 )
 
 CFG = DiTConfig(size="test", input_size=8, in_channels=4, num_classes=10)

@@ -11,56 +11,23 @@ from raydistill.config import DistillConfig
 from raydistill.diffusion.sampler import cfg_predict, dit_denoiser
 from raydistill.errors import UserError
 from raydistill.guidance.base import StepContext
-from raydistill.guidance.influence import DeviationGuidance, InfluenceGuidance, code_cosine, igd_preset
-from raydistill.models.evalnets import build_eval_net
-from raydistill.surrogate import (
+from raydistill.methods.igd.guidance import DeviationGuidance, InfluenceGuidance, code_cosine, igd_preset
+from raydistill.methods.igd.surrogate import (
     SurrogateConfig,
     Trajectory,
-    _write_safetensors,
     flatten,
     resolve_epochs,
     select_by_similarity,
     train_trajectory,
 )
-from tests.conftest import needs_fmnist
+from tests.conftest import make_fake_trajectory, needs_fmnist
 
 pytestmark = needs_fmnist
 
 
 @pytest.fixture(scope="module")
-def fmnist():
-    from raydistill.data import load_dataset
-
-    return load_dataset("fashion-mnist")
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_model, fmnist):
-    from raydistill.generator import load_generator
-
-    dit, vae = tiny_model
-    return load_generator(DistillConfig(model=str(dit), vae=str(vae)), fmnist.dit_labels, fmnist.image_size, "cpu")
-
-
-def _fake_trajectory(path, ds, epochs=3, seed=0):
-    """A trajectory folder with random ConvNet-3 snapshots (no training: the maths does not care)."""
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = SurrogateConfig(net="convnet3", epochs=epochs)
-    meta = {"config": cfg.__dict__, "data": {"dataset": ds.name, "classes": list(ds.class_names),
-                                             "image_size": ds.image_size, "channels": ds.channels,
-                                             "train_images": ds.num_images("train")},
-            "epochs_done": epochs, "log": []}
-    (path / "trajectory.json").write_text(json.dumps(meta))
-    for e in range(epochs + 1):
-        torch.manual_seed(seed + e)
-        net = build_eval_net("convnet3", ds.channels, ds.num_classes, ds.image_size)
-        _write_safetensors(path / f"epoch_{e:03d}.safetensors", dict(net.state_dict()))
-    return Trajectory(path)
-
-
-@pytest.fixture(scope="module")
 def traj(tmp_path_factory, fmnist):
-    return _fake_trajectory(tmp_path_factory.mktemp("traj"), fmnist)
+    return make_fake_trajectory(tmp_path_factory.mktemp("traj"), fmnist)
 
 
 def _influence(gen, traj, fmnist, epochs=(0, 2), impl="fast", scale=5.0, grad_ipc=50, window=(30, 45), refresh=1):
@@ -305,19 +272,29 @@ def test_batched_deviation_memory_uses_in_batch_predecessors(gen):
 
 
 def test_igd_config_errors(gen, fmnist, traj):
-    from raydistill.guidance.influence import igd_terms_from_config
+    from raydistill.methods import MethodContext, get_method
+    from raydistill.methods.igd.guidance import igd_terms
 
     base = dict(method="igd", extra={"surrogate": str(traj.path), "igd_epochs": [0, 1]})
     for bad, match in [({"igd_scale": -1}, "igd_scale"), ({"igd_window": [45, 30]}, "window"),
-                       ({"igd_impl": "turbo"}, "implementation"), ({"igd_epochs": "best"}, "igd_epochs"),
-                       ({"igd_refresh": 0}, "igd_refresh"), ({"igd_refresh": 1.5}, "igd_refresh"),
-                       ({"surrogate": "/nonexistent"}, "no surrogate trajectory")]:
-        cfg = DistillConfig(**{**base, "extra": {**base["extra"], **bad}})
-        with pytest.raises(UserError, match=match):
-            igd_terms_from_config(cfg, fmnist, gen.codec, [0])
-    terms = igd_terms_from_config(DistillConfig(**base), fmnist, gen.codec, [0, 1])
-    assert [t.name for t in terms] == ["igd-deviation", "igd-influence"]
-    assert (terms[1].scale, terms[0].gamma) == igd_preset("fashion-mnist", 10)
+                       ({"igd_impl": "turbo"}, "igd_impl must be one of fast, reference"),
+                       ({"igd_epochs": "best"}, "igd_epochs"), ({"igd_refresh": 0}, "igd_refresh"),
+                       ({"igd_refresh": 1.5}, "igd_refresh"), ({"igd_gamma": float("nan")}, "igd_gamma")]:
+        with pytest.raises(UserError, match=match):  # refused when the config is made, before anything runs
+            DistillConfig(**{**base, "extra": {**base["extra"], **bad}})
+
+    def terms(cfg):
+        spec = get_method(cfg.method)
+        ctx = MethodContext(cfg, fmnist, [0, 1], gen, gen.codec, spec.base)
+        return igd_terms(ctx, spec.parse(cfg.extra, cfg)["igd"])
+
+    with pytest.raises(UserError, match="no surrogate trajectory"):
+        terms(DistillConfig(**{**base, "extra": {**base["extra"], "surrogate": "/nonexistent"}}))
+    t = terms(DistillConfig(**base))
+    assert [x.name for x in t] == ["igd-deviation", "igd-influence"]
+    assert (t[1].scale, t[0].gamma) == igd_preset("fashion-mnist", 10)
+    m = terms(DistillConfig(**{**base, "method": "minimax-igd"}))  # the Minimax row of the presets (spec 2.3)
+    assert (m[1].scale, m[0].gamma) == igd_preset("fashion-mnist", 10, "minimax")
 
 
 def test_distill_igd_end_to_end_and_window_outside_steps_is_refused(tiny_model, traj, tmp_path):
@@ -330,8 +307,8 @@ def test_distill_igd_end_to_end_and_window_outside_steps_is_refused(tiny_model, 
     res = distill_local(cfg)
     assert len(res.rows) == 2 and res.rows[0]["method"] == "igd"
     assert any((tmp_path / ".igd").rglob("c0000.safetensors"))  # real gradients cached beside the run
-    with pytest.raises(UserError, match="outside the respaced steps"):
-        distill_local(cfg.with_(extra={**cfg.extra, "igd_window": [30, 45]}, out=str(tmp_path / "igd2")))
+    with pytest.raises(UserError, match="outside the respaced steps"):  # refused when the config is made
+        cfg.with_(extra={**cfg.extra, "igd_window": [30, 45]}, out=str(tmp_path / "igd2"))
     with pytest.raises(UserError, match="split classes"):
         from raydistill.distill import plan_shards
 

@@ -11,8 +11,9 @@ from raydistill.config import DistillConfig
 from raydistill.diffusion.sampler import cfg_predict, dit_denoiser
 from raydistill.errors import UserError
 from raydistill.guidance.base import GuidanceTerm, StepContext
-from raydistill.guidance.mode import ModeGuidance
-from raydistill.modes import ModeCache, cluster_latents, discover_modes, encode_images
+from raydistill.methods.mgd3.guidance import ModeGuidance
+from raydistill.methods.mgd3.modes import ModeCache, cluster_latents, discover_modes
+from raydistill.models.vae import encode_images
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
@@ -21,24 +22,12 @@ LABELS, INDICES = [0, 1, 0, 1], [0, 0, 1, 1]  # a mixed batch: two images of eac
 K = 2
 
 
-@pytest.fixture(scope="module")
-def fmnist():
-    from raydistill.data import load_dataset
-
-    return load_dataset("fashion-mnist")
-
-
 def _generator(tiny_model, ds, sampler="ddpm", dit_labels=None):
     from raydistill.generator import load_generator
 
     dit, vae = tiny_model
     cfg = DistillConfig(model=str(dit), vae=str(vae), steps=50, sampler=sampler)
     return load_generator(cfg, dit_labels or ds.dit_labels, ds.image_size, "cpu")
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_model, fmnist):
-    return _generator(tiny_model, fmnist)
 
 
 @pytest.fixture(scope="module")
@@ -215,10 +204,11 @@ def test_ddim_mode_guidance(tiny_model, fmnist, real_modes):
 # ---- the registered method ----------------------------------------------------------------------------------------
 
 def test_mgd3_method_runs_through_shard_runner_with_cache(tiny_model, tmp_path, monkeypatch):
-    import raydistill.modes as modes_mod
-    from raydistill.distill import GENERATIVE, METHOD_TERMS, ShardRunner, plan_shards
+    import raydistill.methods.mgd3.modes as modes_mod
+    from raydistill.distill import ShardRunner, plan_shards
+    from raydistill.methods import get_method
 
-    assert "mgd3" in GENERATIVE and "mgd3" in METHOD_TERMS
+    assert get_method("mgd3").generative and get_method("mgd3").precompute == ("modes",)
     calls = []
     real = modes_mod.discover_modes
 
@@ -247,4 +237,4 @@ def test_mgd3_method_runs_through_shard_runner_with_cache(tiny_model, tmp_path, 
     with pytest.raises(UserError, match="fewer than the IPC 500 modes"):
         ShardRunner(cfg.with_(ipc=500), "cpu")
     with pytest.raises(UserError, match="mode_method"):
-        ShardRunner(cfg.with_(extra={"mode_method": "spectral"}), "cpu")
+        cfg.with_(extra={"mode_method": "spectral"})  # refused when the config is made

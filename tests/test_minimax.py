@@ -12,24 +12,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from raydistill.errors import UserError
-from raydistill.minimax import (
-    ClassMemory,
-    FinetuneConfig,
-    cosine_matrix,
-    finetune,
-    minimax_class_terms,
-    minimax_loss,
-    phase_chunks,
-)
-from raydistill.models.difffit import (
+from raydistill.methods.minimax.difffit import (
     apply_difffit,
     difffit_trainable_count,
     gamma_blocks_of,
     gammas_to_original,
     load_minimax_checkpoint,
 )
-from raydistill.models.dit import DiTConfig, build_dit, load_dit
-from raydistill.models.dit_convert import original_to_diffusers
+from raydistill.methods.minimax.finetune import FinetuneConfig, finetune, phase_chunks
+from raydistill.methods.minimax.losses import ClassMemory, cosine_matrix, minimax_class_terms, minimax_loss
+from raydistill.models.dit import DiTConfig, build_dit
+from raydistill.models.dit_convert import load_dit, original_to_diffusers
 from tests.conftest import needs_fmnist
 from tests.test_dit_loading import _modulate, _random_original, _ref_pos_embed, _ref_timestep_embedding
 
@@ -229,19 +222,13 @@ def test_original_converted_model_ties_embedders_and_keeps_outputs():
 # ---------------------------------------------------------------------------------------------------------------------
 # the fine-tune: resumable, outputs, sampling
 
-def _fmnist():
-    from raydistill.data import load_dataset
-
-    return load_dataset("fashion-mnist")
-
-
 TINY_FT = dict(steps=6, ckpt_every=2, log_every=1, finetune_ipc=4, memory_size=4, ema_decay=0.9)
 
 
 @needs_fmnist
-def test_interrupted_finetune_resumes_to_the_same_weights(tiny_model, tmp_path):
+def test_interrupted_finetune_resumes_to_the_same_weights(tiny_model, tmp_path, fmnist):
     dit, vae = tiny_model
-    ds = _fmnist()
+    ds = fmnist
     cfg = FinetuneConfig(**TINY_FT)  # 2 classes x 4 images: 1 step per epoch, so 6 epochs and 6 permutations
     labels = [0, 1]
     finetune(ds, dit, vae, tmp_path / "a", cfg, labels=labels, device="cpu")
@@ -277,12 +264,12 @@ def test_interrupted_finetune_resumes_to_the_same_weights(tiny_model, tmp_path):
 
 
 @needs_fmnist
-def test_minimax_sampling_routes_each_class_to_its_phase(tiny_model, tmp_path):
+def test_minimax_sampling_routes_each_class_to_its_phase(tiny_model, tmp_path, fmnist):
     from raydistill.config import DistillConfig
     from raydistill.generator import load_generator
 
     dit, vae = tiny_model
-    ds = _fmnist()
+    ds = fmnist
     cfg = FinetuneConfig(**{**TINY_FT, "steps": 2, "max_classes": 2, "phase_size": 2, "finetune_ipc": 8})
     index = finetune(ds, dit, vae, tmp_path / "ft", cfg, labels=[0, 1, 2], device="cpu")
     assert [p["labels"] for p in index["phases"]] == [[0, 1], [2]]
@@ -312,7 +299,7 @@ def test_distill_minimax_writes_a_set_and_missing_finetunes_are_one_line_errors(
     from raydistill.cli import main
     from raydistill.config import BUILTIN_MODEL, DistillConfig
     from raydistill.distill import distill_local
-    from raydistill.minimax import finetune_source
+    from raydistill.methods.minimax.router import finetune_source
 
     dit, vae = tiny_model
     rc = main(["finetune", "--local", "--model", str(dit), "--vae", str(vae), "--classes", "0,1", "--steps", "2",

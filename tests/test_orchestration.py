@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import psutil
-import pytest
 import torch
 
 from raydistill.config import DistillConfig
 from tests.conftest import needs_fmnist
 
 pytestmark = needs_fmnist
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    from raydistill.orchestration.runtime import ray_session
-
-    with ray_session(num_cpus=2, num_gpus=0):
-        yield
 
 
 def _tiny_cfg(tiny_model, out, **kw) -> DistillConfig:
@@ -102,8 +93,8 @@ def test_surrogate_job_trains_and_selects_as_a_ray_task(ray_local, tmp_path):
     """`raydistill surrogate` on Ray: trajectory of epochs 0..2 written, selection run, resumable (nothing redone)."""
     import json
 
+    from raydistill.methods.igd.surrogate import SurrogateConfig
     from raydistill.orchestration.surrogate_job import run_surrogate_job
-    from raydistill.surrogate import SurrogateConfig
 
     cfg = SurrogateConfig(epochs=2, images_per_epoch=256)
     data = {"name": "digits"}
@@ -121,10 +112,11 @@ def test_mode_discovery_ray_tasks_fill_the_cache_the_sampler_reads(ray_local, ti
     """One Ray task per class writes the modes; the in-process MGD3 term then computes nothing."""
     from raydistill.distill import open_dataset
     from raydistill.generator import load_generator
-    from raydistill.guidance.mode import class_modes_loader
+    from raydistill.methods.mgd3.guidance import class_modes_loader
     from raydistill.orchestration.modes_job import discover_modes_ray
 
-    cfg = _tiny_cfg(tiny_model, tmp_path / "mgd3" / "set", method="mgd3", classes=("0", "1"), ipc=2)
+    cfg = _tiny_cfg(tiny_model, tmp_path / "mgd3" / "set", method="mgd3", classes=("0", "1"), ipc=2,
+                    extra={"t_stop": 2})  # within the 6 steps
     discover_modes_ray(cfg, log=lambda m: None)
     files = sorted((tmp_path / "mgd3" / ".modes").glob("modes-*.safetensors"))
     assert len(files) == 2

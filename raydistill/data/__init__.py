@@ -56,7 +56,8 @@ def load_dataset(
 
 
 def resolve_classes(ds: ClassDataset, classes: list[str | int] | None) -> list[int]:
-    """Map user-given classes to subset labels, in the given order without duplicates; None means all classes.
+    """Map user-given classes to subset labels, in the given order; None means all classes. A class named twice (also
+    by name and label) is an error: the set would silently hold fewer classes than asked for.
 
     Each entry may be a subset label (int or digit string, 0..C-1), a class name (e.g. a wnid or 'ankle_boot'),
     or a human name (case-insensitive, e.g. 'Ankle boot'). Class names take precedence over digit strings.
@@ -88,8 +89,9 @@ def resolve_classes(ds: ClassDataset, classes: list[str | int] | None) -> list[i
             raise UserError(f"unknown class {c!r} for {ds.name}", fix)
         if not 0 <= label < ds.num_classes:
             raise UserError(f"class label {label} is out of range for {ds.name} ({ds.num_classes} classes)", fix)
-        if label not in out:
-            out.append(label)
+        if label in out:
+            raise UserError(f"class {c!r} ({ds.class_names[label]}) is selected twice", "name every class once")
+        out.append(label)
     if not out:
         raise UserError("no classes selected", fix)
     return out

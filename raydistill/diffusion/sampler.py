@@ -17,6 +17,7 @@ import torch
 
 from raydistill.diffusion.gaussian import MeanVariance, mean_variance
 from raydistill.diffusion.schedule import Schedule
+from raydistill.errors import UserError
 from raydistill.guidance.base import GuidanceTerm, StepContext
 
 
@@ -86,6 +87,20 @@ def _noise(gens: Sequence[torch.Generator], shape: tuple[int, ...], device, dtyp
     return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(device, dtype)
 
 
+def _non_finite(step: int, n: int, i: int, mv: MeanVariance, finite: list[tuple[str, torch.Tensor]]) -> None:
+    """One line naming where NaN/inf first entered the chain: a guidance term, else the model's prediction."""
+    bad = [name for name, ok in finite if not bool(ok)]
+    if bad:
+        source = f"the guidance term {bad[0]!r}"
+    elif not bool(torch.isfinite(mv.eps).all() and torch.isfinite(mv.log_variance).all()):
+        source = "the model's noise prediction (a damaged checkpoint, or weights that overflow)"
+    else:
+        source = "the step update"
+    raise UserError(f"the latents are not finite (NaN or inf) after sampling step {step}/{n} (respaced index {i}), "
+                    f"first from {source}; the shard is not written", "check the model files and the guidance "
+                    "weights (--set, --cfg-scale), then rerun to resume")
+
+
 def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, seeds: Sequence[int],
            latent_shape: tuple[int, int, int], null_label: int, cfg: SamplerConfig = SamplerConfig(),
            terms: Sequence[GuidanceTerm] = (), class_labels: torch.Tensor | None = None,
@@ -99,6 +114,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
     gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
     x = _noise(gens, latent_shape, device, torch.float32)
     n = len(schedule)
+    finite: list[tuple[str, torch.Tensor]] = []
     for i in reversed(range(n)):
         active = [term for term in terms if term.active(i)]
         grad = any(term.needs_grad(i) for term in active)
@@ -116,10 +132,15 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
                                   dit_labels=y, class_labels=cls, image_indices=idx, sampler=cfg.sampler,
                                   alpha_bar_prev=schedule.at("alphas_cumprod_prev", i, x_in))
                 for term in active:
-                    step_mean = step_mean + term.delta(ctx).detach()
+                    delta = term.delta(ctx).detach()
+                    finite.append((term.name, torch.isfinite(delta).all()))  # read only if x is not finite
+                    step_mean = step_mean + delta
         x = step_mean.detach()
         if cfg.sampler == "ddpm" and i > 0:
             x = x + mv.sigma.detach() * _noise(gens, latent_shape, device, x.dtype)
+        if not bool(torch.isfinite(x).all()):
+            _non_finite(n - i, n, i, mv, finite)
+        finite = []
         if progress is not None:
             progress(n - i)
     for term in terms:

@@ -3,9 +3,8 @@
 :func:`evaluate_synthetic` is the fast path: the whole (preprocessed) synthetic set lives on the device as one tensor,
 every epoch draws a permutation from a seeded ``torch.Generator`` and slices mini-batches, augmentation is batched
 (:mod:`raydistill.evaluate.augment`), and the test set is preprocessed once and scored in large batches under
-``torch.inference_mode``. :func:`evaluate_synthetic_dataloader` is the plain reference pipeline (``DataLoader`` over a
-``TensorDataset``, per-image augmentation calls as in the IDC code, DSA on each batch as in DC's ``epoch``) that runs
-the same protocol, kept for the speed benchmark.
+``torch.inference_mode``. :func:`run_nets` is the one per-net loop (one net through its schedule: :mod:`.fit`); the
+plain ``DataLoader`` reference pipeline of the speed benchmark (``benchmarks/eval_reference.py``) uses it too.
 
 Protocols (see :mod:`raydistill.evaluate.presets`):
 
@@ -33,22 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydistill.errors import UserError
-from raydistill.evaluate.augment import cutmix, dsa_augment, idc_augment
-from raydistill.evaluate.presets import (
-    EvalPreset,
-    dc_decay_pass,
-    get_preset,
-    multistep_milestones,
-    resolve_epochs,
-    resolve_eval_every,
-)
+from raydistill.evaluate.augment import dsa_augment, idc_augment
+from raydistill.evaluate.fit import Batches, EpochFn, ProgressFn, TestFn, fit, pass_reporter, test_accuracy
+from raydistill.evaluate.presets import EvalPreset, get_preset, resolve_epochs, resolve_eval_every
 from raydistill.models.evalnets import build_eval_net, convnet_depth_for_size
 
-__all__ = ["EvalResult", "evaluate_synthetic", "evaluate_synthetic_dataloader"]
-
-ProgressFn = Callable[[str], None]
-EpochFn = Callable[[int, int, float], None]
-PassFn = Callable[[int, int], None]
+__all__ = ["EvalResult", "evaluate_synthetic", "run_nets", "setup"]
 
 _TEST_PIXEL_BUDGET = {"cpu": 1 << 18, "other": 1 << 23}  # pixels per test batch (bounded activation memory)
 
@@ -173,119 +162,6 @@ def _default_test_batch(device: torch.device, h: int, w: int) -> int:
 # the shared training loop
 
 
-def _make_optimizer(preset: EvalPreset, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if preset.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=preset.momentum, weight_decay=preset.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=preset.betas, weight_decay=preset.weight_decay)
-
-
-def _train_pass(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    preset: EvalPreset,
-    gen: torch.Generator,
-) -> None:
-    model.train()
-    for xb, yb in batches:
-        use_mix = preset.cutmix_p >= 1.0 or (
-            preset.cutmix_p > 0 and float(torch.rand(1, generator=gen, device=gen.device).item()) < preset.cutmix_p
-        )
-        if use_mix:
-            mix = cutmix(xb, yb, gen)
-            loss = mix.loss(model(mix.x))
-        else:
-            loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-def _pass_reporter(
-    progress: ProgressFn | None, every_s: float, net_index: int, num_nets: int, label: str
-) -> PassFn | None:
-    """A ``_fit`` ``on_pass`` hook that sends "net 2/5 convnet3: pass 400/1001 (310 s, ~465 s left)" to ``progress``
-    at most every ``every_s`` seconds (never after the last pass: the finished-net line follows it)."""
-    if progress is None:
-        return None
-    start = last = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        if done < total and now - last >= every_s:
-            last = now
-            left = (now - start) / done * (total - done)
-            progress(
-                f"net {net_index + 1}/{num_nets} {label}: pass {done}/{total} ({now - start:.0f} s, ~{left:.0f} s left)"
-            )
-
-    return report
-
-
-def _fit(
-    model: nn.Module,
-    preset: EvalPreset,
-    epochs: int,
-    eval_every: int,
-    batches_fn: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
-    test_fn: Callable[[nn.Module], float],
-    gen: torch.Generator,
-    on_epoch: EpochFn | None,
-    net_index: int,
-    on_pass: PassFn | None = None,
-) -> tuple[float, float]:
-    """Run one net through the preset's schedule; returns (last, best) test accuracy in percent.
-
-    Epoch numbers given to ``on_epoch`` count completed passes: 1..E+1 for ``dc_step``, 1..E for ``multistep``.
-    ``on_pass(done, total)`` is called after every pass (progress only; it sees no model state).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    accs: list[float] = []
-
-    def evaluate(done: int) -> None:
-        acc = test_fn(model)
-        accs.append(acc)
-        if on_epoch is not None:
-            on_epoch(net_index, done, acc)
-
-    if preset.schedule == "dc_step":
-        lr = preset.lr
-        opt = _make_optimizer(preset, params, lr)
-        decay_at, passes = dc_decay_pass(epochs), epochs + 1
-        for ep in range(passes):
-            _train_pass(model, opt, batches_fn(), preset, gen)
-            if on_pass is not None:
-                on_pass(ep + 1, passes)
-            if ep == decay_at:  # DC: lr *= 0.1 and a fresh optimizer (momentum reset)
-                lr *= preset.lr_decay
-                opt = _make_optimizer(preset, params, lr)
-            done = ep + 1
-            if done == passes or (eval_every > 0 and done % eval_every == 0):
-                evaluate(done)
-    else:
-        opt = _make_optimizer(preset, params, preset.lr)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, multistep_milestones(preset, epochs), gamma=preset.gamma)
-        for epoch in range(1, epochs + 1):
-            _train_pass(model, opt, batches_fn(), preset, gen)
-            if on_pass is not None:
-                on_pass(epoch, epochs)
-            if epoch == epochs or (eval_every > 0 and epoch % eval_every == 0):
-                evaluate(epoch)
-            sched.step()
-    return accs[-1], max(accs)
-
-
-def _test_accuracy(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
-    model.eval()
-    correct: torch.Tensor | int = 0
-    with torch.inference_mode():
-        for xb, yb in batches:
-            correct = correct + (model(xb).argmax(dim=1) == yb).sum()
-    model.train()
-    return 100.0 * float(correct) / n
-
-
 def _summarise(
     preset: EvalPreset,
     net_label: str,
@@ -325,7 +201,7 @@ def _summarise(
     )
 
 
-def _common_setup(
+def setup(
     train_x: Any,
     train_y: Any,
     test_x: Any,
@@ -441,7 +317,7 @@ def evaluate_synthetic(
         UserError: bad shapes/dtypes/values, unknown preset or net, bad device.
     """
     t0 = time.perf_counter()
-    cfg = _common_setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every)
+    cfg = setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every)
     p: EvalPreset = cfg["preset"]
     dev: torch.device = cfg["device"]
     size: int = cfg["size"]
@@ -457,140 +333,45 @@ def evaluate_synthetic(
     tbs = test_batch_size or _default_test_batch(dev, size, size)
     n, bs = x.shape[0], p.batch_size
 
-    last, best, net_seconds = [], [], []
-    with _cudnn_context(dev):
-        for i in range(num_nets):
-            t_net = time.perf_counter()
-            s = seed + i
-            model = _new_net(net, channels, cfg["num_classes"], size, s, dev)
-            gen = torch.Generator(device=dev).manual_seed(s)
+    def data(s: int, gen: torch.Generator) -> tuple[Batches, TestFn]:
+        def batches(gen: torch.Generator = gen) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            perm = torch.randperm(n, generator=gen, device=gen.device).to(dev)
+            for start in range(0, n, bs):
+                idx = perm[start : start + bs]
+                xb, yb = x[idx], y[idx]
+                if p.augment == "dsa":
+                    xb = dsa_augment(xb, gen, p.dsa_strategy)
+                elif p.augment == "idc":
+                    xb = (idc_augment(xb, gen, p.rrc_scale, p.jitter, p.lighting_std) - mean) / std
+                yield xb, yb
 
-            def batches(gen: torch.Generator = gen) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                perm = torch.randperm(n, generator=gen, device=gen.device).to(dev)
-                for start in range(0, n, bs):
-                    idx = perm[start : start + bs]
-                    xb, yb = x[idx], y[idx]
-                    if p.augment == "dsa":
-                        xb = dsa_augment(xb, gen, p.dsa_strategy)
-                    elif p.augment == "idc":
-                        xb = (idc_augment(xb, gen, p.rrc_scale, p.jitter, p.lighting_std) - mean) / std
-                    yield xb, yb
+        def test_fn(m: nn.Module) -> float:
+            return test_accuracy(m, ((vx[j : j + tbs], vy[j : j + tbs]) for j in range(0, vx.shape[0], tbs)),
+                                 vx.shape[0])
 
-            def test_fn(m: nn.Module) -> float:
-                return _test_accuracy(
-                    m, ((vx[j : j + tbs], vy[j : j + tbs]) for j in range(0, vx.shape[0], tbs)), vx.shape[0]
-                )
+        return batches, test_fn
 
-            on_pass = _pass_reporter(progress, progress_every_s, i, num_nets, cfg["net_label"])
-            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass)
-            last.append(la)
-            best.append(be)
-            net_seconds.append(time.perf_counter() - t_net)
-            if progress is not None:
-                shown = la if p.report == "last" else be
-                progress(f"net {i + 1}/{num_nets} {cfg['net_label']}: {shown:.1f}% ({net_seconds[-1]:.0f} s)")
-    return _summarise(
-        p, cfg["net_label"], cfg["epochs"], seed, last, best, time.perf_counter() - t0, net_seconds, "tensor"
-    )
+    return run_nets(cfg, net, num_nets, seed, data, progress, progress_every_s, on_epoch, "tensor", t0)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# reference pipeline (DataLoader, per-image augmentation)
-
-
-class _PerImageDataset(torch.utils.data.Dataset):
-    """TensorDataset whose ``__getitem__`` augments one image at a time (IDC's ImageFolder + transform style)."""
-
-    def __init__(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        preset: EvalPreset,
-        mean: torch.Tensor,
-        std: torch.Tensor,
-        gen: torch.Generator,
-    ) -> None:
-        self.x, self.y, self.preset, self.mean, self.std, self.gen = x, y, preset, mean, std, gen
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.x[i : i + 1]
-        if self.preset.augment == "idc":
-            p = self.preset
-            img = (idc_augment(img, self.gen, p.rrc_scale, p.jitter, p.lighting_std) - self.mean) / self.std
-        return img[0], self.y[i]
-
-
-def evaluate_synthetic_dataloader(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    preset: str | EvalPreset = "dc",
-    net: str = "convnet",
-    num_nets: int = 5,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    epochs: int | None = None,
-    progress: ProgressFn | None = None,
-    on_epoch: EpochFn | None = None,
-    eval_every: int | None = None,
-    test_batch_size: int = 256,
-    progress_every_s: float = 60.0,
-) -> EvalResult:
-    """Reference pipeline with the same protocol as :func:`evaluate_synthetic`, structured like the original code.
-
-    Data stay on the CPU in a ``TensorDataset``-like dataset; a shuffling ``DataLoader`` (``num_workers=0``) yields
-    batches that are moved to the device per step. idc/igd augmentation runs per image inside ``__getitem__`` (as
-    IDC's transforms do), DSA runs on each batch on the device (as DC's ``epoch`` does), and the test set is iterated
-    by a ``DataLoader`` with batch 256 (DC's test loader). Random streams differ from the fast path, so accuracies
-    agree statistically, not bit for bit. Arguments are those of :func:`evaluate_synthetic`.
-    """
-    t0 = time.perf_counter()
-    cfg = _common_setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every)
+def run_nets(cfg: dict[str, Any], net: str, num_nets: int, seed: int,
+             data: Callable[[int, torch.Generator], tuple[Batches, TestFn]], progress: ProgressFn | None,
+             progress_every_s: float, on_epoch: EpochFn | None, pipeline: str, t0: float) -> EvalResult:
+    """The per-net loop of every pipeline: net i gets seed ``seed + i`` for its initialisation and its generator,
+    ``data(seed_i, generator)`` returns its batches and test function, :func:`.fit.fit` runs the schedule."""
     p: EvalPreset = cfg["preset"]
     dev: torch.device = cfg["device"]
-    size: int = cfg["size"]
     channels = int(cfg["tx"].shape[1])
-    cpu = torch.device("cpu")
-    mean_c, std_c = _norm_stats(p, channels, cpu)
-    x = _resize(cfg["tx"].to(cpu, torch.float32), size)
-    if p.augment != "idc":
-        x = (x - mean_c) / std_c
-    y = cfg["ty"].to(cpu)
-    vx = (_resize(cfg["vx"].to(cpu, torch.float32), size) - mean_c) / std_c
-    test_ds = torch.utils.data.TensorDataset(vx, cfg["vy"].to(cpu))
-
     last, best, net_seconds = [], [], []
     with _cudnn_context(dev):
         for i in range(num_nets):
             t_net = time.perf_counter()
             s = seed + i
-            model = _new_net(net, channels, cfg["num_classes"], size, s, dev)
+            model = _new_net(net, channels, cfg["num_classes"], cfg["size"], s, dev)
             gen = torch.Generator(device=dev).manual_seed(s)
-            cpu_gen = torch.Generator().manual_seed(s)
-            ds = _PerImageDataset(x, y, p, mean_c, std_c, cpu_gen)
-            loader = torch.utils.data.DataLoader(
-                ds, batch_size=p.batch_size, shuffle=True, num_workers=0, generator=cpu_gen
-            )
-
-            def batches(
-                loader: torch.utils.data.DataLoader = loader, gen: torch.Generator = gen
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                for xb, yb in loader:
-                    xb, yb = xb.to(dev), yb.to(dev)
-                    if p.augment == "dsa":
-                        xb = dsa_augment(xb, gen, p.dsa_strategy)
-                    yield xb, yb
-
-            def test_fn(m: nn.Module) -> float:
-                tl = torch.utils.data.DataLoader(test_ds, batch_size=test_batch_size, shuffle=False, num_workers=0)
-                return _test_accuracy(m, ((a.to(dev), b.to(dev)) for a, b in tl), len(test_ds))
-
-            on_pass = _pass_reporter(progress, progress_every_s, i, num_nets, cfg["net_label"])
-            la, be = _fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass)
+            batches, test_fn = data(s, gen)
+            on_pass = pass_reporter(progress, progress_every_s, i, num_nets, cfg["net_label"])
+            la, be = fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass)
             last.append(la)
             best.append(be)
             net_seconds.append(time.perf_counter() - t_net)
@@ -598,5 +379,7 @@ def evaluate_synthetic_dataloader(
                 shown = la if p.report == "last" else be
                 progress(f"net {i + 1}/{num_nets} {cfg['net_label']}: {shown:.1f}% ({net_seconds[-1]:.0f} s)")
     return _summarise(
-        p, cfg["net_label"], cfg["epochs"], seed, last, best, time.perf_counter() - t0, net_seconds, "dataloader"
+        p, cfg["net_label"], cfg["epochs"], seed, last, best, time.perf_counter() - t0, net_seconds, pipeline
     )
+
+

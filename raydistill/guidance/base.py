@@ -9,6 +9,7 @@ Stateful terms (IGD's deviation memory) learn about finished images through ``on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -64,3 +65,27 @@ class StatelessTerm:
 
     def on_images_done(self, latents, class_labels, image_indices) -> None:
         return None
+
+
+class LazyClassMap(Mapping):
+    """A read-only ``{class label: tensor}`` that computes (or loads) a class's entry on first access: MGD3's modes,
+    IGD's class-mean real gradients. Lets a worker that serves shards of a few classes compute only theirs."""
+
+    def __init__(self, labels: list[int], loader: Callable[[int], torch.Tensor]) -> None:
+        self._labels = [int(c) for c in labels]
+        self._loader = loader
+        self._done: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, label: int) -> torch.Tensor:
+        label = int(label)
+        if label not in self._labels:
+            raise KeyError(label)
+        if label not in self._done:
+            self._done[label] = self._loader(label)
+        return self._done[label]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)

@@ -1,17 +1,14 @@
-"""Class-conditional DiT through diffusers' ``DiTTransformer2DModel``: a size registry, building and loading.
+"""Class-conditional DiT through diffusers' ``DiTTransformer2DModel``: a size registry, building, numerics.
 
 Sizes follow DiT's ``DiT_models`` table (depth, hidden size, heads, patch); a tiny test size is one line.
-The model's null (unconditional) label is ``num_classes`` (DiT-XL/2: 1000). Loading accepts a local diffusers
-directory (``config.json`` + safetensors) or an original facebookresearch DiT ``.pt`` state dict (converted by
-:mod:`raydistill.models.dit_convert`; a checkpoint dict with an ``ema`` entry uses the EMA weights).
+The model's null (unconditional) label is ``num_classes`` (DiT-XL/2: 1000). Loading (a local diffusers directory or
+an original facebookresearch DiT ``.pt``) is :func:`raydistill.models.dit_convert.load_dit`, which imports this
+module and never the other way round.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
-import torch
 
 from raydistill.errors import UserError
 
@@ -77,11 +74,21 @@ def build_dit(cfg: DiTConfig):
 
 def original_numerics(model):
     """Make a diffusers DiT compute as facebookresearch/DiT does (timestep frequencies 10000**(-k/128), LayerNorm
-    eps 1e-6; see :func:`raydistill.models.dit_convert.set_dit_numerics`). Not saved in diffusers' config, so it is
+    eps 1e-6; see :func:`set_dit_numerics`). Not saved in diffusers' config, so it is
     applied after every build and load; every DiT in raydistill, trained or loaded, runs with these numerics."""
-    from raydistill.models.dit_convert import set_dit_numerics
-
     return set_dit_numerics(model, original=True)
+
+
+def set_dit_numerics(model, original: bool = True):
+    """Make a diffusers DiT compute exactly like facebookresearch/DiT (``original=True``) or like stock diffusers.
+
+    Sets every block's timestep ``downscale_freq_shift`` (0 original, 1 diffusers) and the pre-MLP LayerNorm eps
+    (1e-6 original, ``config.norm_eps`` diffusers). Returns the model (changed in place).
+    """
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0 if original else 1
+        block.norm3.eps = 1e-6 if original else model.config.norm_eps
+    return model
 
 
 def dit_config_of(model) -> DiTConfig:
@@ -93,47 +100,3 @@ def dit_config_of(model) -> DiTConfig:
                                                               c.patch_size)), "custom")
     return DiTConfig(size=size, input_size=c.sample_size, in_channels=c.in_channels, num_classes=c.num_embeds_ada_norm,
                      learn_sigma=c.out_channels == 2 * c.in_channels)
-
-
-def load_dit(path: str | Path, size: str | None = None, num_classes: int | None = None,
-             input_size: int | None = None, device: str | torch.device = "cpu"):
-    """Load a DiT from a local diffusers directory or an original DiT ``.pt`` file; returns an eval-mode model.
-
-    ``size``/``num_classes``/``input_size`` are required for ``.pt`` files (they carry no config); for a diffusers
-    directory they are checked against its config when given.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"DiT checkpoint not found: {p}", "pass --model a diffusers directory or a DiT .pt file")
-    if p.is_dir():
-        model = _load_diffusers_dir(p)
-        got = dit_config_of(model)
-        for name, want in (("size", size), ("num_classes", num_classes), ("input_size", input_size)):
-            if want is not None and getattr(got, name) != want:
-                raise UserError(f"DiT at {p} has {name}={getattr(got, name)}, expected {want}",
-                                "pick the matching --model-size or checkpoint")
-    else:
-        from raydistill.models.dit_convert import load_original_dit
-
-        if num_classes is None and input_size is None:
-            model = load_original_dit(p, None, size=size)  # configuration read off the checkpoint
-        else:
-            model = load_original_dit(p, DiTConfig(size=size or "XL/2", num_classes=num_classes or 1000,
-                                                   input_size=input_size or 32))
-    return model.to(device).eval()
-
-
-def _load_diffusers_dir(p: Path):
-    from diffusers import DiTTransformer2DModel
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.set_verbosity_error()
-    if not (p / "config.json").exists():
-        raise UserError(f"{p} is not a diffusers model directory (no config.json)",
-                        "point --model at the folder that holds config.json and the safetensors weights")
-    try:
-        model = DiTTransformer2DModel.from_pretrained(str(p), local_files_only=True, torch_dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the DiT in {p}: {first}", "check that config.json matches the weights") from e
-    return original_numerics(model)

@@ -1,4 +1,5 @@
-"""Convert between facebookresearch/DiT state dicts and diffusers ``DiTTransformer2DModel`` ones, and load DiT ``.pt``.
+"""Convert between facebookresearch/DiT state dicts and diffusers ``DiTTransformer2DModel`` ones, and load a DiT from
+either format (:func:`load_dit`: a diffusers directory or an original ``.pt``).
 
 Key mapping (checked against diffusers 0.42 ``dit_transformer_2d.py``, ``attention.py``, ``normalization.py`` and
 ``embeddings.py``; original = DiT ``models.py``)::
@@ -27,8 +28,8 @@ Numerics: with the weights mapped exactly, diffusers' DiT still computes two thi
   order agrees (``flip_sin_to_cos=True``). The features differ by up to ~1.9 at t=999, so this is not negligible;
 * the LayerNorm before the MLP (``norm3``) uses the config's ``norm_eps`` (default 1e-5) where DiT uses 1e-6.
 
-:func:`set_dit_numerics` switches a built model to either behaviour (in place; the timestep shift is not part of the
-diffusers config, so it must be reapplied after every ``from_pretrained``).
+:func:`raydistill.models.dit.set_dit_numerics` switches a built model to either behaviour (in place; the timestep
+shift is not part of the diffusers config, so it must be reapplied after every ``from_pretrained``).
 """
 
 from __future__ import annotations
@@ -42,25 +43,10 @@ import torch
 from torch import Tensor
 
 from raydistill.errors import UserError
-from raydistill.models.dit import DIT_SIZES, DiTConfig, build_dit
+from raydistill.models.dit import DIT_SIZES, DiTConfig, build_dit, dit_config_of, original_numerics
 
 FREQ_DIM = 256  # DiT's frequency_embedding_size (diffusers: Timesteps(num_channels=256))
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# numerics
-
-def set_dit_numerics(model, original: bool = True):
-    """Make a diffusers DiT compute exactly like facebookresearch/DiT (``original=True``) or like stock diffusers.
-
-    Sets every block's timestep ``downscale_freq_shift`` (0 original, 1 diffusers) and the pre-MLP LayerNorm eps
-    (1e-6 original, ``config.norm_eps`` diffusers). Returns the model (changed in place).
-    """
-    for block in model.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0 if original else 1
-        block.norm3.eps = 1e-6 if original else model.config.norm_eps
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -348,3 +334,45 @@ def load_original_dit(path: str | Path, cfg: DiTConfig | None = None, return_ext
     model.load_state_dict(original_to_diffusers(sd, cfg), strict=True)
     model = model.eval()
     return (model, extras) if return_extras else model
+
+
+def load_dit(path: str | Path, size: str | None = None, num_classes: int | None = None,
+             input_size: int | None = None, device: str | torch.device = "cpu"):
+    """Load a DiT from a local diffusers directory or an original DiT ``.pt`` file; returns an eval-mode model.
+
+    ``size``/``num_classes``/``input_size`` are required for ``.pt`` files (they carry no config); for a diffusers
+    directory they are checked against its config when given.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"DiT checkpoint not found: {p}", "pass --model a diffusers directory or a DiT .pt file")
+    if p.is_dir():
+        model = _load_diffusers_dir(p)
+        got = dit_config_of(model)
+        for name, want in (("size", size), ("num_classes", num_classes), ("input_size", input_size)):
+            if want is not None and getattr(got, name) != want:
+                raise UserError(f"DiT at {p} has {name}={getattr(got, name)}, expected {want}",
+                                "pick the matching --model-size or checkpoint")
+    else:
+        if num_classes is None and input_size is None:
+            model = load_original_dit(p, None, size=size)  # configuration read off the checkpoint
+        else:
+            model = load_original_dit(p, DiTConfig(size=size or "XL/2", num_classes=num_classes or 1000,
+                                                   input_size=input_size or 32))
+    return model.to(device).eval()
+
+
+def _load_diffusers_dir(p: Path):
+    from diffusers import DiTTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    if not (p / "config.json").exists():
+        raise UserError(f"{p} is not a diffusers model directory (no config.json)",
+                        "point --model at the folder that holds config.json and the safetensors weights")
+    try:
+        model = DiTTransformer2DModel.from_pretrained(str(p), local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the DiT in {p}: {first}", "check that config.json matches the weights") from e
+    return original_numerics(model)

@@ -73,3 +73,16 @@ def load_vae(path: str | Path, image_size: int | None = None, device: str | torc
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the VAE in {p}: {first}", "check that config.json matches the weights") from e
     return LatentCodec(vae, image_size=image_size).to(device).eval()
+
+
+@torch.no_grad()
+def encode_images(codec, images_uint8: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> VAE posterior-mean latents ``E(x).mean * scale`` [N, c, h, w] (float32, CPU)."""
+    if images_uint8.dim() != 4:
+        raise UserError(f"images must be [N, C, H, W], got shape {tuple(images_uint8.shape)}", "pass a 4-d batch")
+    device = next(codec.parameters()).device
+    out = []
+    for start in range(0, images_uint8.shape[0], batch):
+        x = images_uint8[start:start + batch].to(device=device, dtype=torch.float32) / 127.5 - 1.0
+        out.append(codec.encode(x, sample=False).float().cpu())
+    return torch.cat(out)

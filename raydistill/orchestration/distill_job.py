@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raydistill.config import DistillConfig
+from raydistill.distill import set_configs
+from raydistill.methods import get_method
 from raydistill.outputs import atomic_write_text
 
 
@@ -26,18 +28,7 @@ class SetReport:
     seconds_sample: float
     evals: dict  # net -> EvalResult.to_dict()
     run_id: str | None = None
-    coverage: dict | None = None  # mode_coverage, mode_distance (raydistill.coverage)
-
-
-def set_dir(root: str | Path, cfg: DistillConfig, method: str) -> Path:
-    return Path(root) / cfg.dataset / f"{method}-ipc{cfg.ipc}-seed{cfg.seed}"
-
-
-def set_configs(cfg: DistillConfig, root: str | Path) -> dict[str, DistillConfig]:
-    """One config per set the main job makes: the method (into ``cfg.out`` when given) and each baseline."""
-    methods = [cfg.method] + [b for b in cfg.baselines if b != cfg.method]
-    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)))
-            for m in methods}
+    coverage: dict | None = None  # mode_coverage, mode_distance (raydistill.evaluate.coverage)
 
 
 def user_error_in(exc: BaseException):
@@ -113,7 +104,7 @@ def _sample_set(c: DistillConfig, pool_size: int | None, shard_size: int | None,
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
     t0 = time.time()
-    if "mgd3" in c.method.split("+"):  # stage 0: mode discovery, one Ray task per class, into the mode cache
+    if "modes" in get_method(c.method).precompute:  # stage 0: mode discovery, one Ray task per class, into the cache
         from raydistill.orchestration.modes_job import discover_modes_ray
 
         log(f"[{c.method}] discovering modes ({time.time() - t0:.0f} s)")
@@ -196,7 +187,7 @@ def format_table(reports: list[SetReport], preset: str) -> str:
     lines = [f"{'method':<10} {'IPC':>4} {'network':<10} {'accuracy (' + preset + ')':>20} {'images/s':>9} "
              f"{'coverage':>8} {'distance':>8}"]
     for r in reports:
-        rate = "real" if r.method in ("random", "herding") else f"{r.images_per_s:.2f}"
+        rate = "real" if get_method(r.method).real is not None else f"{r.images_per_s:.2f}"
         cov = (f"{r.coverage['mode_coverage']:>8.2f} {r.coverage['mode_distance']:>8.2f}" if r.coverage
                else f"{'-':>8} {'-':>8}")
         if not r.evals:

@@ -24,7 +24,7 @@ def _finetune_task(data: dict, dit: str, vae: str, model_size: str | None, out: 
     import torch
 
     from raydistill.data import load_dataset
-    from raydistill.minimax import FinetuneConfig, finetune
+    from raydistill.methods.minimax.finetune import FinetuneConfig, finetune
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """MGD3 mode discovery as Ray tasks, one per class (``raydistill modes``, and the first stage of mgd3 runs).
 
-Each task opens the dataset, loads the VAE and runs :func:`raydistill.guidance.mode.class_modes_loader` for its
+Each task opens the dataset, loads the VAE and runs :func:`raydistill.methods.mgd3.guidance.class_modes_loader` for its
 class, which encodes the class's training images and clusters them into the mode cache. The samplers then find every
 class's modes in the cache. The cache must be on storage all nodes see (it sits next to the output sets).
 """
@@ -18,7 +18,7 @@ def _class_modes_task(cfg_dict: dict, label: int, threads: int) -> tuple[int, fl
 
     from raydistill.distill import open_dataset, selected_labels
     from raydistill.generator import resolve_model_paths
-    from raydistill.guidance.mode import class_modes_loader
+    from raydistill.methods.mgd3.guidance import class_modes_loader
     from raydistill.models.vae import load_vae
 
     torch.set_num_threads(threads)

@@ -1,8 +1,9 @@
 """``raydistill surrogate`` on Ray: train IGD's surrogate trajectory in one Ray task (on a GPU when the cluster has
 one), then run the gradient-similarity checkpoint selection and print the epochs it picks.
 
-The task writes straight into the output folder (each epoch committed atomically, see :mod:`raydistill.surrogate`),
-so the folder must be on storage the worker sees (a local path on a one-node cluster, shared storage otherwise).
+The task writes straight into the output folder (each epoch committed atomically, see
+:mod:`raydistill.methods.igd.surrogate`), so the folder must be on storage the worker sees (a local path on a one-node
+cluster, shared storage otherwise).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def _train(data: dict, out: str, cfg: dict, select: bool, grad_ipc: int, threads
     import torch
 
     from raydistill.data import load_dataset
-    from raydistill.surrogate import SurrogateConfig, Trajectory, similarity_selection, train_trajectory
+    from raydistill.methods.igd.surrogate import SurrogateConfig, Trajectory, similarity_selection, train_trajectory
 
     if threads:
         torch.set_num_threads(threads)

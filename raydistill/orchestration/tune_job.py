@@ -32,17 +32,19 @@ _CACHE: dict[tuple, Any] = {}  # per worker process: (kind, key) -> loaded objec
 
 def _shared_state(cfg, device: str) -> tuple[Any, Any, bool]:
     """(dataset, generator, reused?) for ``cfg`` from this process's cache, loading what is missing."""
-    from raydistill.distill import GENERATIVE, open_dataset
+    from raydistill.distill import open_dataset
+    from raydistill.methods import get_method
 
+    generative = get_method(cfg.method).generative
     ds_key = ("ds", cfg.dataset, cfg.data_root, cfg.image_size, cfg.nclass, cfg.phase)
     gen_key = ("gen", ds_key, cfg.model, cfg.vae, cfg.model_size, cfg.sampler, cfg.steps, cfg.cfg_scale,
                cfg.cfg_channels, device)
-    reused = ds_key in _CACHE and (cfg.method not in GENERATIVE or gen_key in _CACHE)
+    reused = ds_key in _CACHE and (not generative or gen_key in _CACHE)
     if ds_key not in _CACHE:
         _CACHE[ds_key] = open_dataset(cfg)
     ds = _CACHE[ds_key]
     gen = None
-    if cfg.method in GENERATIVE:
+    if generative:
         if gen_key not in _CACHE:
             from raydistill.generator import load_generator
 

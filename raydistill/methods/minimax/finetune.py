@@ -1,5 +1,5 @@
-"""Minimax diffusion (spec 1): DiffFit fine-tuning of a DiT with the minimax criteria, its outputs, and sampling
-from the fine-tune (methods ``minimax``, ``minimax-igd``, ``minimax+mgd3``).
+"""Minimax diffusion (spec 1): DiffFit fine-tuning of a DiT with the minimax criteria (:mod:`.losses`) and its
+outputs; sampling from the fine-tune is :mod:`.router`.
 
 Fine-tuning (spec 1.2-1.3), per step:
 
@@ -13,8 +13,8 @@ Fine-tuning (spec 1.2-1.3), per step:
     L = L_diff + sum_c [lambda_pos L_r(c) + lambda_neg L_d(c)] / (#classes in batch)
     then R_c <- FIFO(R_c + z_c), P_c <- FIFO(P_c + x0_hat_c.detach()), 64 entries each
 
-AdamW (lr 1e-3, weight decay 0, constant) on the DiffFit trainable set (:mod:`raydistill.models.difffit`); the EMA
-(0.9999, initialised from the model, updated every step) is what sampling uses (spec 1.2 "Subtlety"). The model
+AdamW (lr 1e-3, weight decay 0, constant) on the DiffFit trainable set (:mod:`raydistill.methods.minimax.difffit`);
+the EMA (0.9999, initialised from the model, updated every step) is what sampling uses (spec 1.2 "Subtlety"). The model
 stays in train mode (label dropout 0.1 keeps CFG usable). More than ``max_classes`` (20) classes are split into
 phases of ``phase_size`` (10) classes with one fine-tune each (spec 1.5); sampling routes every class to its phase.
 
@@ -46,71 +46,10 @@ import torch
 from torch import Tensor
 
 from raydistill.errors import UserError
+from raydistill.methods.minimax.losses import ClassMemory, minimax_loss
 from raydistill.outputs import atomic_write_text
 
-MINIMAX_METHODS = ("minimax", "minimax-igd", "minimax+mgd3")
 INDEX_FILE = "minimax.json"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the minimax criteria (spec 1.3)
-
-def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarities of flattened rows: a [n, ...], b [m, ...] -> [n, m] (the original has no epsilon)."""
-    a, b = a.flatten(1), b.flatten(1)  # [n, D], [m, D]
-    return (a @ b.T) / (a.norm(dim=1)[:, None] * b.norm(dim=1)[None, :])
-
-
-def minimax_class_terms(x0_hat: Tensor, real: Tensor, pseudo: Tensor) -> tuple[Tensor, Tensor]:
-    """Spec 1.3 for one class: ``L_r = 1 - min cos(x0_hat, R_c)``, ``L_d = max cos(x0_hat, P_c)``.
-
-    x0_hat [n, C, h, w] (the class's predictions in the batch), real [m, C, h, w], pseudo [k, C, h, w].
-    The min/max run over the whole [n, m] / [n, k] matrix: L_r pulls towards the least similar real latent,
-    L_d pushes away from the most similar past prediction.
-    """
-    return 1.0 - cosine_matrix(x0_hat, real).min(), cosine_matrix(x0_hat, pseudo).max()
-
-
-class ClassMemory:
-    """Per-class FIFO memories of real latents ``R_c`` and detached predictions ``P_c`` (spec 1.3, N_M = 64)."""
-
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self.real: dict[int, Tensor] = {}  # c -> [<=size, C, h, w]
-        self.pseudo: dict[int, Tensor] = {}
-
-    def push(self, c: int, real: Tensor, pseudo: Tensor) -> None:
-        """Append (oldest dropped beyond ``size``)."""
-        for mem, new in ((self.real, real), (self.pseudo, pseudo)):
-            cur = mem.get(c)
-            cat = new.detach() if cur is None else torch.cat([cur, new.detach()])
-            mem[c] = cat[-self.size:].clone()
-
-    def state(self) -> dict:
-        return {"size": self.size, "real": dict(self.real), "pseudo": dict(self.pseudo)}
-
-    @classmethod
-    def from_state(cls, st: dict, device: torch.device | str = "cpu") -> ClassMemory:
-        m = cls(int(st["size"]))
-        m.real = {int(k): v.to(device) for k, v in st["real"].items()}
-        m.pseudo = {int(k): v.to(device) for k, v in st["pseudo"].items()}
-        return m
-
-
-def minimax_loss(x0_hat: Tensor, labels: Tensor, memory: ClassMemory, lambda_pos: float = 0.002,
-                 lambda_neg: float = 0.008) -> tuple[Tensor, Tensor, Tensor]:
-    """``sum_c [lambda_pos L_r(c) + lambda_neg L_d(c)] / (#classes in batch)`` over classes with a non-empty
-    ``P_c``; returns (total, weighted L_r sum, weighted L_d sum). x0_hat [B, C, h, w], labels [B] (subset labels).
-    The memories are not updated here (see :meth:`ClassMemory.push`)."""
-    classes = sorted(set(labels.tolist()))
-    pos = x0_hat.new_zeros(())
-    neg = x0_hat.new_zeros(())
-    for c in classes:
-        if len(memory.pseudo.get(c, ())):  # the first time a class is seen there is no minimax term
-            l_r, l_d = minimax_class_terms(x0_hat[labels == c], memory.real[c], memory.pseudo[c])
-            pos = pos + l_r * lambda_pos / len(classes)
-            neg = neg + l_d * lambda_neg / len(classes)
-    return pos + neg, pos, neg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -258,7 +197,7 @@ class PhaseTrainer:
         """Train to ``total_steps`` (resuming if a state exists); returns the EMA trainable tensors."""
         from raydistill.diffusion.gaussian import q_sample, training_losses
         from raydistill.diffusion.schedule import Schedule
-        from raydistill.models.difffit import load_trainable_state
+        from raydistill.methods.minimax.difffit import load_trainable_state
 
         cfg, model, dev = self.cfg, self.model, self.device
         say = progress or (lambda m: None)
@@ -347,8 +286,9 @@ def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cf
     """
     from safetensors.torch import save_file
 
-    from raydistill.models.difffit import apply_difffit, embedders_tied, gamma_blocks_of, trainable_state
-    from raydistill.models.dit import dit_config_of, load_dit
+    from raydistill.methods.minimax.difffit import apply_difffit, embedders_tied, gamma_blocks_of, trainable_state
+    from raydistill.models.dit import dit_config_of
+    from raydistill.models.dit_convert import load_dit
     from raydistill.models.vae import load_vae
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -401,102 +341,6 @@ def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cf
     index["complete"] = True
     atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
     return index
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# sampling from a fine-tune
-
-class PhaseRouter:
-    """Holds the per-phase EMA tensors of a fine-tune and swaps them into one DiffFit DiT in place (cheap: only the
-    trainable parameters), so every class is sampled by the model fine-tuned on it (spec 1.5)."""
-
-    def __init__(self, model, phase_tensors: list[dict[str, Tensor]], phase_of_label: dict[int, int]) -> None:
-        self.model, self.phase_tensors, self.phase_of_label = model, phase_tensors, phase_of_label
-        self.active: int | None = None
-
-    def phase_of(self, dit_label: int) -> int:
-        if int(dit_label) not in self.phase_of_label:
-            raise UserError(f"the Minimax fine-tune does not cover model label {dit_label}",
-                            "fine-tune the classes you distill (`raydistill finetune --classes ...`)")
-        return self.phase_of_label[int(dit_label)]
-
-    def check_covers(self, dit_labels: Sequence[int]) -> None:
-        for y in dit_labels:
-            self.phase_of(int(y))
-
-    def activate(self, phase: int) -> None:
-        from raydistill.models.difffit import load_trainable_state
-
-        if phase != self.active:
-            dev = next(self.model.parameters()).device
-            load_trainable_state(self.model, {k: v.to(dev) for k, v in self.phase_tensors[phase].items()})
-            self.active = phase
-
-    def groups(self, dit_labels: Sequence[int]) -> list[tuple[int, list[int]]]:
-        """(phase, row indices) for a batch, phases in first-seen order."""
-        out: dict[int, list[int]] = {}
-        for row, y in enumerate(dit_labels):
-            out.setdefault(self.phase_of(int(y)), []).append(row)
-        return list(out.items())
-
-
-def finetune_source(cfg) -> tuple[str, Path]:
-    """Where a minimax method's fine-tune comes from, without loading weights: ("folder", path) for a
-    ``raydistill finetune`` output, or ("checkpoint", path) for an official Minimax ``.pt`` (original DiT layout
-    with gammas and ``ema``; from ``extra.finetune`` or, with no fine-tune set, ``--model``)."""
-    from raydistill.config import BUILTIN_MODEL
-
-    ex = cfg.extra.get("finetune")
-    if ex is None:
-        if cfg.model is not None and Path(cfg.model).suffix == ".pt":
-            return "checkpoint", Path(cfg.model)
-        if cfg.model is None and (BUILTIN_MODEL / "minimax" / INDEX_FILE).exists():
-            return "folder", BUILTIN_MODEL / "minimax"
-        hint = "run `raydistill finetune`" + ("" if cfg.model is None else " --model ... --vae ... --out DIR") + \
-            (" (it writes the built-in model's fine-tune)" if cfg.model is None else " and pass --set finetune=DIR")
-        raise UserError(f"method {cfg.method} needs a Minimax fine-tune of the DiT and none was found", hint)
-    p = Path(str(ex))
-    if p.is_file() and p.suffix == ".pt":
-        return "checkpoint", p
-    if not (p / INDEX_FILE).exists():
-        raise UserError(f"{p} is not a Minimax fine-tune (no {INDEX_FILE})",
-                        "pass --set finetune=DIR with a folder written by `raydistill finetune`, or an official "
-                        "Minimax .pt")
-    index = json.loads((p / INDEX_FILE).read_text())
-    if not index.get("complete"):
-        raise UserError(f"the Minimax fine-tune in {p} is not finished", "rerun the same `raydistill finetune` "
-                        "command to resume it")
-    return "folder", p
-
-
-def load_minimax_dit(cfg, dit_path: Path, device: torch.device):
-    """(eval-mode DiffFit DiT, PhaseRouter or None) for a minimax method (see :func:`finetune_source`)."""
-    from safetensors.torch import load_file
-
-    from raydistill.models.difffit import apply_difffit, load_minimax_checkpoint
-    from raydistill.models.dit import load_dit
-
-    kind, src = finetune_source(cfg)
-    if kind == "checkpoint":
-        return load_minimax_checkpoint(src, size=cfg.model_size).to(device).requires_grad_(False).eval(), None
-    index = json.loads((src / INDEX_FILE).read_text())
-    want = index["base"]["sha256"]
-    got = path_digest(dit_path)
-    if got != want:
-        raise UserError(f"the Minimax fine-tune in {src} was made from another base model ({index['base']['path']}, "
-                        f"sha256 {want[:12]}) than {dit_path} (sha256 {got[:12]})",
-                        "pass the --model (and --vae) the fine-tune was made from")
-    model = load_dit(dit_path, size=cfg.model_size, device=device)
-    info0 = json.loads((src / index["phases"][0]["dir"] / "finetune.json").read_text())
-    apply_difffit(model, info0["gamma_blocks"], tie=info0["tied_embedders"])
-    tensors, phase_of = [], {}
-    for p, ph in enumerate(index["phases"]):
-        tensors.append(load_file(str(src / ph["dir"] / "ema.safetensors")))
-        phase_of.update({int(y): p for y in ph["dit_labels"]})
-    router = PhaseRouter(model, tensors, phase_of)
-    router.activate(0)
-    return model.requires_grad_(False).eval(), router
-
 
 def finetune_config_from(settings: dict) -> FinetuneConfig:
     """A :class:`FinetuneConfig` from a mapping, rejecting unknown keys as a UserError."""

@@ -31,21 +31,9 @@ import numpy as np
 import torch
 
 from raydistill.errors import UserError
+from raydistill.models.vae import encode_images
 
 MODE_METHODS = ("kmeans", "gmm")
-
-
-@torch.no_grad()
-def encode_images(codec, images_uint8: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> VAE posterior-mean latents ``E(x).mean * scale`` [N, c, h, w] (float32, CPU)."""
-    if images_uint8.dim() != 4:
-        raise UserError(f"images must be [N, C, H, W], got shape {tuple(images_uint8.shape)}", "pass a 4-d batch")
-    device = next(codec.parameters()).device
-    out = []
-    for start in range(0, images_uint8.shape[0], batch):
-        x = images_uint8[start:start + batch].to(device=device, dtype=torch.float32) / 127.5 - 1.0
-        out.append(codec.encode(x, sample=False).float().cpu())
-    return torch.cat(out)
 
 
 def _check(k, n: int, method: str) -> None:

@@ -246,10 +246,6 @@ class DeviationGuidance:
     def needs_grad(self, i: int) -> bool:
         return False
 
-    def reset(self) -> None:
-        self.fifo.clear()
-        self.finals.clear()
-
     def on_images_done(self, latents: torch.Tensor, class_labels: torch.Tensor, image_indices: torch.Tensor) -> None:
         for z, c, k in zip(latents.detach(), class_labels.tolist(), image_indices.tolist()):
             if int(k) == 0:  # a class's generation starts at image 0: its FIFO starts afresh (released: per class)
@@ -323,49 +319,41 @@ def igd_preset(dataset: str, ipc: int, base: str = "dit") -> tuple[float, float]
     return table[below[-1] if below else rows[0]]
 
 
-def igd_terms_from_config(cfg, ds, codec, labels: list[int], base: str = "dit") -> list:
-    """[InfluenceGuidance, DeviationGuidance] for a distillation config (method "igd" and its combinations).
+def trajectory_path(cfg, ds, p) -> str:
+    """The surrogate trajectory of a run: ``surrogate``, else the built-in one for Fashion-MNIST with its model."""
+    if p.surrogate is not None:
+        return p.surrogate
+    from raydistill.config import BUILTIN_MODEL
 
-    ``cfg.extra``: ``surrogate`` (trajectory folder; default: the built-in one for Fashion-MNIST), ``igd_epochs``
-    (list, "similarity" = the trajectory's selection.json, or "preset" = spec 2.1's lists), ``igd_scale`` (k) and
-    ``igd_gamma`` (default: :data:`IGD_PRESETS`), ``igd_window`` ([30, 45]), ``igd_grad_ipc`` (200), ``igd_memory``
-    (64), ``igd_impl`` ("fast" or "reference"), ``igd_refresh`` (1 = exact; n reuses the gradient, approximate),
-    ``igd_cache`` (real-gradient cache; default ``<out>/../.igd``).
-    """
+    if ds.name != "fashion-mnist" or cfg.model is not None:
+        raise UserError("IGD needs a surrogate trajectory", "train one with `raydistill surrogate` and pass "
+                        "extra.surrogate (--set surrogate=PATH)")
+    return str(BUILTIN_MODEL / "surrogate")
+
+
+def igd_terms(ctx, p) -> list:
+    """[DeviationGuidance, InfluenceGuidance] of a run (method part ``igd`` and its combinations); ``p``:
+    :class:`raydistill.methods.igd.IgdParams`. Unset ``igd_scale`` / ``igd_gamma`` come from :data:`IGD_PRESETS`
+    for the dataset, the IPC and the generator the method samples from (``ctx.base``: dit or minimax)."""
     from pathlib import Path
 
-    from raydistill.config import BUILTIN_MODEL
-    from raydistill.guidance.mode import LazyClassModes
-    from raydistill.surrogate import Trajectory, resolve_epochs
+    from raydistill.guidance.base import LazyClassMap
+    from raydistill.methods.igd.surrogate import Trajectory, resolve_epochs
 
-    ex = cfg.extra
-    path = ex.get("surrogate")
-    if path is None:
-        if ds.name != "fashion-mnist" or cfg.model is not None:
-            raise UserError("IGD needs a surrogate trajectory", "train one with `raydistill surrogate` and pass "
-                            "extra.surrogate (--set surrogate=PATH)")
-        path = BUILTIN_MODEL / "surrogate"
+    cfg, ds, codec = ctx.cfg, ctx.ds, ctx.codec
     device = next(codec.parameters()).device
-    traj = Trajectory(path, device=device)
+    traj = Trajectory(trajectory_path(cfg, ds, p), device=device)
     traj.check_dataset(ds)
-    epochs = resolve_epochs(traj, ds.name, ex.get("igd_epochs", "similarity"))
+    epochs = resolve_epochs(traj, ds.name, p.igd_epochs)
     k_default, g_default = (None, None)
-    if "igd_scale" not in ex or "igd_gamma" not in ex:
-        k_default, g_default = igd_preset(ds.name, cfg.ipc, base)
-    k = check_scale("igd_scale", ex.get("igd_scale", k_default))
-    gamma = check_scale("igd_gamma", ex.get("igd_gamma", g_default))
-    window = check_window(ex.get("igd_window", list(DEFAULT_WINDOW)))
-    if window[0] > cfg.steps - 1:
-        raise UserError(f"IGD's window {list(window)} lies outside the respaced steps 0..{cfg.steps - 1}",
-                        "sample with 50 steps, or pass --set igd_window=[low,high] within the steps")
-    grad_ipc = ex.get("igd_grad_ipc", 200)
-    if isinstance(grad_ipc, bool) or not isinstance(grad_ipc, int) or grad_ipc < 1:
-        raise UserError(f"igd_grad_ipc must be a positive integer, got {grad_ipc!r}", "the paper uses 200")
-    impl = check_impl(ex.get("igd_impl", "fast"))
-    refresh = check_refresh(ex.get("igd_refresh", 1))
-    memory = ex.get("igd_memory", 64)
-    cache = ex.get("igd_cache", str(Path(cfg.out).parent / ".igd") if cfg.out is not None else None)
-    real = LazyClassModes(labels, lambda c: traj.real_gradients(ds, c, epochs, grad_ipc, cache))
+    if p.igd_scale is None or p.igd_gamma is None:
+        k_default, g_default = igd_preset(ds.name, cfg.ipc, ctx.base)
+    k = check_scale("igd_scale", p.igd_scale if p.igd_scale is not None else k_default)
+    gamma = check_scale("igd_gamma", p.igd_gamma if p.igd_gamma is not None else g_default)
+    cache = p.igd_cache if p.igd_cache is not None else (str(Path(cfg.out).parent / ".igd") if cfg.out is not None
+                                                           else None)
+    real = LazyClassMap(ctx.labels, lambda c: traj.real_gradients(ds, c, epochs, p.igd_grad_ipc, cache))
     influence = InfluenceGuidance(codec.decode, traj.net, [traj.params(e) for e in epochs], real, scale=k,
-                                  window=window, impl=impl, refresh=refresh)
-    return [DeviationGuidance(gamma=gamma, window=window, memory_size=memory, impl=impl), influence]
+                                  window=p.igd_window, impl=p.igd_impl, refresh=p.igd_refresh)
+    return [DeviationGuidance(gamma=gamma, window=p.igd_window, memory_size=p.igd_memory, impl=p.igd_impl),
+            influence]

@@ -20,38 +20,12 @@ No gradient is needed: the term is closed-form in ``x0_hat``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from raydistill.errors import UserError
-from raydistill.guidance.base import StatelessTerm, StepContext
-
-
-class LazyClassModes(Mapping):
-    """A read-only ``{class label: modes [k, c, h, w]}`` that computes (or loads) a class's modes on first access.
-
-    Lets a worker that serves shards of a few classes discover only those classes' modes.
-    """
-
-    def __init__(self, labels: list[int], loader: Callable[[int], torch.Tensor]) -> None:
-        self._labels = [int(c) for c in labels]
-        self._loader = loader
-        self._done: dict[int, torch.Tensor] = {}
-
-    def __getitem__(self, label: int) -> torch.Tensor:
-        label = int(label)
-        if label not in self._labels:
-            raise KeyError(label)
-        if label not in self._done:
-            self._done[label] = self._loader(label)
-        return self._done[label]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._labels)
-
-    def __len__(self) -> int:
-        return len(self._labels)
+from raydistill.guidance.base import LazyClassMap, StatelessTerm, StepContext
 
 
 class ModeGuidance(StatelessTerm):
@@ -116,62 +90,44 @@ class ModeGuidance(StatelessTerm):
         raise ValueError(f"unknown sampler {ctx.sampler!r}")
 
 
-def _extra(cfg, key: str, default, ok: Callable[[object], bool], what: str):
-    value = cfg.extra.get(key, default)
-    if not ok(value):
-        raise UserError(f"extra.{key} must be {what}, got {value!r}", f"fix extra.{key} in the config")
-    return value
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def mode_settings(cfg) -> dict:
-    """MGD3's parameters from ``cfg.extra`` (validated): mode_scale, t_stop, mode_method, mode_snap."""
-    from raydistill.modes import MODE_METHODS
-
-    return {"scale": float(_extra(cfg, "mode_scale", 0.1, _is_number, "a number >= 0 (the paper uses 0.1)")),
-            "t_stop": _extra(cfg, "t_stop", 25, _is_int, "an integer respaced index (the paper uses 25)"),
-            "method": _extra(cfg, "mode_method", "kmeans", lambda v: v in MODE_METHODS,
-                             f"one of {', '.join(MODE_METHODS)}"),
-            "snap": _extra(cfg, "mode_snap", False, lambda v: isinstance(v, bool), "true or false")}
-
-
-def class_modes_loader(cfg, ds, codec, labels: list[int]) -> Callable[[int], torch.Tensor]:
-    """``load(label) -> modes [IPC, c, h, w]`` for ``cfg``: from the cache when present, else computed and cached.
-
-    Modes: k = ``cfg.ipc`` per class, from all of the class's training images of ``ds``, clustered with ``cfg.seed``;
-    cached under ``cfg.extra["modes_cache"]`` (default ``<cfg.out>/../.modes``; no cache when neither is set). The
-    same function runs in the Ray mode-discovery tasks (one per class) and, on a cache miss, in the samplers.
-    """
-    from pathlib import Path
-
-    from raydistill.modes import ModeCache, codec_identity, discover_modes
-
-    st = mode_settings(cfg)
-    root = cfg.extra.get("modes_cache")
-    if root is None and cfg.out is not None:
-        root = Path(cfg.out).parent / ".modes"
-    cache = ModeCache(root) if root is not None else None
-    vae_id: list[str] = []  # computed once, on first need (hashes the VAE weights)
-
-    counts = {int(c): ds.num_images("train", int(c)) for c in labels}  # checked now, before any sampling
+def _check_counts(cfg, ds, labels: list[int]) -> dict[int, int]:
+    """Training images per selected class; one line when a class has fewer than the IPC modes MGD3 needs."""
+    counts = {int(c): ds.num_images("train", int(c)) for c in labels}
     for c, n in counts.items():
         if cfg.ipc > n:
             raise UserError(f"class {ds.class_names[c]!r} has {n} training images, fewer than the IPC {cfg.ipc} "
                             "modes MGD3 needs", "lower --ipc")
+    return counts
+
+
+def class_modes_loader(cfg, ds, codec, labels: list[int], params=None) -> Callable[[int], torch.Tensor]:
+    """``load(label) -> modes [IPC, c, h, w]`` for ``cfg``: from the cache when present, else computed and cached.
+
+    Modes: k = ``cfg.ipc`` per class, from all of the class's training images of ``ds``, clustered with ``cfg.seed``;
+    cached under ``modes_cache`` (default ``<cfg.out>/../.modes``; no cache when neither is set). The same function
+    runs in the Ray mode-discovery tasks (one per class) and, on a cache miss, in the samplers. ``params``: the
+    parsed :class:`raydistill.methods.mgd3.Mgd3Params` (default: parsed from ``cfg.extra``).
+    """
+    from pathlib import Path
+
+    from raydistill.methods.mgd3 import Mgd3Params
+    from raydistill.methods.mgd3.modes import ModeCache, codec_identity, discover_modes
+    from raydistill.methods.registry import parse_params
+
+    p = params if params is not None else parse_params(Mgd3Params, cfg.extra, cfg)
+    root = p.modes_cache
+    if root is None and cfg.out is not None:
+        root = Path(cfg.out).parent / ".modes"
+    cache = ModeCache(root) if root is not None else None
+    vae_id: list[str] = []  # computed once, on first need (hashes the VAE weights)
+    counts = _check_counts(cfg, ds, labels)  # checked now, before any sampling
 
     def load(label: int) -> torch.Tensor:
         n = counts[int(label)]
 
         def compute() -> torch.Tensor:
             images, _ = ds.load("train", label=label)
-            return discover_modes(codec, images, cfg.ipc, seed=cfg.seed, method=st["method"], snap=st["snap"])
+            return discover_modes(codec, images, cfg.ipc, seed=cfg.seed, method=p.mode_method, snap=p.mode_snap)
 
         if cache is None:
             return compute()
@@ -179,17 +135,14 @@ def class_modes_loader(cfg, ds, codec, labels: list[int]) -> Callable[[int], tor
             vae_id.append(codec_identity(codec))
         dataset = (f"{ds.name}|root={cfg.data_root}|size={ds.image_size}|nclass={cfg.nclass}|phase={cfg.phase}"
                    f"|class={ds.class_names[label]}|n={n}")
-        return cache.get_or_compute(compute, dataset, label, cfg.ipc, vae_id[0], cfg.seed, st["method"], st["snap"])
+        return cache.get_or_compute(compute, dataset, label, cfg.ipc, vae_id[0], cfg.seed, p.mode_method,
+                                    p.mode_snap)
 
     return load
 
 
-def mode_guidance_from_config(cfg, ds, codec, labels: list[int]) -> ModeGuidance:
-    """The MGD3 term for a distillation config (``raydistill.distill`` registers this as method "mgd3").
-
-    Parameters from ``cfg.extra``: ``mode_scale`` (0.1), ``t_stop`` (25), ``mode_method`` ("kmeans" or "gmm"),
-    ``mode_snap`` (False); modes per class from :func:`class_modes_loader`, computed lazily.
-    """
-    st = mode_settings(cfg)
-    return ModeGuidance(LazyClassModes(labels, class_modes_loader(cfg, ds, codec, labels)), scale=st["scale"],
-                        t_stop=st["t_stop"])
+def mode_guidance(ctx, p) -> ModeGuidance:
+    """The MGD3 term of a run (method part ``mgd3``): modes per selected class from :func:`class_modes_loader`,
+    computed lazily; ``p``: :class:`raydistill.methods.mgd3.Mgd3Params`."""
+    return ModeGuidance(LazyClassMap(ctx.labels, class_modes_loader(ctx.cfg, ctx.ds, ctx.codec, ctx.labels, p)),
+                        scale=float(p.mode_scale), t_stop=p.t_stop)

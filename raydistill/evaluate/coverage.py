@@ -48,7 +48,7 @@ def class_coverage(real: torch.Tensor, generated: torch.Tensor, seed: int = 0) -
 def set_coverage(ds, codec, images: torch.Tensor, labels: torch.Tensor, max_real: int | None = 2000,
                  seed: int = 0) -> dict:
     """Mean coverage and assignment distance over the classes of a set (uint8 ``images``, subset ``labels``)."""
-    from raydistill.modes import encode_images
+    from raydistill.models.vae import encode_images
 
     per_class = {}
     for c in sorted(set(labels.tolist())):

@@ -25,6 +25,7 @@ evaluation protocol.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -69,8 +70,15 @@ class SurrogateConfig:
     images_per_epoch: int | None = None  # None: the whole training split; else a seeded draw of this many per epoch
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise UserError("surrogate epochs, batch size and lr must be positive", "fix the surrogate settings")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("surrogate epochs and batch size must be positive", "fix the surrogate settings")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise UserError(f"surrogate lr must be a finite number > 0, got {self.lr!r}", "the recipe uses --lr 0.01")
+        for name, high in (("momentum", 1.0), ("weight_decay", None)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (high is not None and v >= high):
+                raise UserError(f"surrogate {name} must be a finite number >= 0" + (f" below {high}" if high else "")
+                                + f", got {v!r}", "the recipe uses momentum 0.9, weight decay 5e-4")
         if self.augment not in ("auto", "idc", "none"):
             raise UserError(f"unknown surrogate augmentation {self.augment!r}", "use auto, idc or none")
 
