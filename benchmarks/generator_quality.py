@@ -70,8 +70,8 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    from raydistill.consistency import load_builtin_classifier
     from raydistill.data import load_dataset
+    from raydistill.evaluate.consistency import load_builtin_classifier
     from raydistill.evaluate.generator_metrics import feature_extractor, real_floor, split_reference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

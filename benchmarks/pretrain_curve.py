@@ -79,8 +79,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from raydistill.consistency import load_builtin_classifier
     from raydistill.data import load_dataset
+    from raydistill.evaluate.consistency import load_builtin_classifier
     from raydistill.evaluate.generator_metrics import feature_extractor, real_floor, split_reference
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

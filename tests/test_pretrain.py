@@ -33,7 +33,7 @@ def _run(tmp_path, work: str, steps: int) -> Pretrainer:
 
 
 def test_reused_stages_snapshots_and_export(tmp_path):
-    from raydistill.models.dit import load_dit
+    from raydistill.models.dit_convert import load_dit
 
     p = _run(tmp_path, "w", 4)
     snaps = sorted(x.name for x in (tmp_path / "w" / "snapshots").iterdir())
