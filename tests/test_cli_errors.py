@@ -108,24 +108,45 @@ def _junk(tmp: Path, name: str, data: bytes) -> Path:
     return tmp / name
 
 
+def _unfinished(tmp: Path) -> Path:
+    """The set ``_random_set`` makes, killed after its first shard: one shard manifest in the sidecar, no manifest."""
+    from raydistill.distill import ShardRunner, plan_shards, selected_labels
+    from raydistill.outputs import DistilledSetWriter
+
+    cfg = DistillConfig(data_root=F, classes=("0", "1"), ipc=3, method="random", seed=0, out=str(tmp / "set"))
+    runner = ShardRunner(cfg)
+    writer = DistilledSetWriter(cfg.out, runner.ds.class_names, cfg.fingerprint(), cfg.generation_key())
+    shard = plan_shards(cfg, selected_labels(cfg, runner.ds))[1]
+    writer.commit(shard.shard_id, *runner.run(shard))
+    return tmp / "set"
+
+
 def _edited(tmp: Path, how: str) -> Path:
-    """A finished random set (seed 0, classes 0,1, IPC 3) under ``tmp/set``, then changed by hand ``how``."""
+    """A random set (seed 0, classes 0,1, IPC 3) under ``tmp/set``, finished or not, then changed by hand ``how``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from raydistill.outputs import shards_dir
+
+    if how == "shard garbage":
+        out = _unfinished(tmp)
+        (shards_dir(out) / "c0001-i00000.parquet").write_bytes(b"PAR1 not really")
+        return out
+    if how == "shard png":
+        out = _unfinished(tmp)
+        (out / "trouser" / "1.png").write_bytes(png_bytes(torch.zeros(1, 28, 28, dtype=torch.uint8)))
+        return out
     out = _random_set(tmp / "set", seed=0)
-    shard = out / ".shards" / "c0001-i00000.parquet"
+    manifest = out / "manifest.parquet"
     if how == "png":
         (out / "trouser" / "1.png").write_bytes(png_bytes(torch.zeros(1, 28, 28, dtype=torch.uint8)))
-    elif how == "shard path":
-        rows = pq.read_table(shard).to_pylist()
+    elif how == "manifest path":
+        rows = pq.read_table(manifest).to_pylist()
         rows[0]["path"] = "../../escaped.png"
-        pq.write_table(pa.Table.from_pylist(rows), shard)
-    elif how == "shard garbage":
-        shard.write_bytes(b"PAR1 not really")
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
     elif how == "manifest":
-        rows = pq.read_table(out / "manifest.parquet").to_pylist()
-        pq.write_table(pa.Table.from_pylist(rows[1:]), out / "manifest.parquet")
+        rows = pq.read_table(manifest).to_pylist()
+        pq.write_table(pa.Table.from_pylist(rows[1:]), manifest)
     return out
 
 
@@ -250,16 +271,18 @@ CASES: dict[str, tuple[Case, str]] = {
                                   r"class name 'a\.\.b'"),
     # a set edited by hand after it was written: resuming it is refused, nothing is touched
     "resume: png replaced": (lambda t, m: _resume(t, "png"),
-                             r"trouser/1\.png is missing or does not match its sha256 in \.shards/c0001-i00000"
-                             r"\.parquet .*delete .*c0001-i00000\.parquet to make that shard again, or pass "
-                             r"--overwrite"),
-    "resume: shard path escapes": (lambda t, m: _resume(t, "shard path"),
-                                   r"shard manifest c0001-i00000\.parquet has a malformed row"),
+                             r"trouser/1\.png is missing or does not match its sha256 in manifest\.parquet "
+                             r".*pass --overwrite"),
+    "resume: shard png replaced": (lambda t, m: _resume(t, "shard png"),
+                                   r"trouser/1\.png is missing or does not match its sha256 in shard manifest "
+                                   r"c0001-i00000\.parquet .*delete .*c0001-i00000\.parquet to make that shard "
+                                   r"again, or pass --overwrite"),
+    "resume: manifest path escapes": (lambda t, m: _resume(t, "manifest path"),
+                                      r"manifest\.parquet has a malformed row"),
     "resume: shard manifest garbage": (lambda t, m: _resume(t, "shard garbage"),
                                        r"shard manifest c0001-i00000\.parquet is not a readable parquet file"),
     "resume: manifest rows removed": (lambda t, m: _resume(t, "manifest"),
-                                      r"manifest\.parquet does not match the shard manifests .*delete .*manifest"
-                                      r"\.parquet to rebuild it"),
+                                      r"t-shirt_top/0\.png is in the set but not in manifest\.parquet .*remove it"),
     "evaluate ipc above set": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
                                               "0,1", "--ipc", "5"], t / "set"),
                                r"has 3 images in .*fewer than IPC 5"),

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from raydistill.outputs import SHARDS_DIR, read_manifest, verify_set
+from raydistill.outputs import read_manifest, shards_dir, sidecar, verify_set
 from tests.conftest import FMNIST_ROOT, needs_fmnist
 
 pytestmark = needs_fmnist
@@ -71,7 +71,7 @@ def _check_complete(out: Path, classes: int, ipc: int) -> list[dict]:
     assert len({r["path"] for r in rows}) == len(rows)
     assert len(list(out.glob("*/*.png"))) == classes * ipc  # no stray PNGs beside the manifest's
     assert verify_set(out) == []
-    assert not (out / ".staging").exists() and not list((out / SHARDS_DIR).glob(".*"))
+    assert not sidecar(out).exists()  # no staging, shard or temporary file is left once the set is finished
     return rows
 
 
@@ -86,13 +86,11 @@ def _cli(tmp: Path, tiny, out: Path) -> list[str]:
 
 
 def _committed(out: Path) -> dict[str, tuple[int, int]]:
-    """Committed shard manifests and their PNGs: name -> (inode, mtime_ns); a rewrite changes both."""
+    """The PNGs of the committed shards (in the sidecar): path -> (inode, mtime_ns); a rewrite changes both."""
     import pyarrow.parquet as pq
 
-    files = sorted((out / SHARDS_DIR).glob("*.parquet"))
-    stats = {f"{SHARDS_DIR}/{f.name}": f.stat() for f in files}
-    for f in files:
-        stats.update({r["path"]: (out / r["path"]).stat() for r in pq.read_table(f).to_pylist()})
+    stats = {r["path"]: (out / r["path"]).stat() for f in sorted(shards_dir(out).glob("*.parquet"))
+             for r in pq.read_table(f).to_pylist()}
     return {k: (s.st_ino, s.st_mtime_ns) for k, s in stats.items()}
 
 
@@ -108,7 +106,7 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while len(list((out / SHARDS_DIR).glob("*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+        while len(list(shards_dir(out).glob("*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -117,15 +115,15 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
         log.close()
     assert proc.returncode == -signal.SIGKILL
     before = _committed(out)
-    done = sum(1 for k in before if k.startswith(SHARDS_DIR))
+    done = len(list(shards_dir(out).glob("*.parquet")))
     assert 2 <= done < 6, f"{done} shards committed when killed: the kill did not land mid-run"
     assert not (out / "manifest.parquet").exists()
 
     p = subprocess.run(_cli(tmp_path, tiny_model, out), **run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{6 - done} shards run, {done} resumed" in p.stdout  # the driver's own count of shards it made
-    after = _committed(out)
-    assert {k: after[k] for k in before} == before  # finished shards and their PNGs were not rewritten
+    after = {k: (v.st_ino, v.st_mtime_ns) for k, v in ((k, (out / k).stat()) for k in before)}
+    assert {k: after[k] for k in before} == before  # the finished shards' PNGs were not rewritten
     _check_complete(out, classes=3, ipc=2)
     assert _tree(out) == _tree(ref)
 
