@@ -232,7 +232,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from raydistill.orchestration.compare import collect_runs, format_runs, plot_runs
     from raydistill.orchestration.tracking import default_tracking_uri
 
-    uri = a.tracking_uri or default_tracking_uri(a.root)
+    uri = a.tracking_uri or default_tracking_uri(a.root, create=False)  # reading: makes no folder
     rows = collect_runs(uri, method=a.method, dataset=a.dataset, ipc=a.ipc, study=a.study)
     if not rows:
         raise UserError(f"no runs with an accuracy match the filters in {uri}", "loosen --method/--dataset/--ipc")

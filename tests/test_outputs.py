@@ -24,9 +24,9 @@ from raydistill.outputs import (
     png_bytes,
     read_manifest,
     sha256,
-    to_uint8,
     shards_dir,
     sidecar,
+    to_uint8,
     verify_set,
 )
 from tests.conftest import FMNIST_ROOT, needs_fmnist

@@ -218,7 +218,7 @@ def test_full_disk_is_one_line_and_keeps_committed_shards(tmp_path: Path) -> Non
 # MLflow: a file store under the output root, no server, no listening socket
 
 def test_mlflow_default_store_is_a_file_and_listens_nowhere(tmp_path: Path) -> None:
-    from raydistill.orchestration.tracking import default_tracking_uri, log_metrics, mlflow_run
+    from raydistill.orchestration.tracking import SetRun, default_tracking_uri
 
     def listening() -> set:
         me = psutil.Process()
@@ -228,8 +228,8 @@ def test_mlflow_default_store_is_a_file_and_listens_nowhere(tmp_path: Path) -> N
     uri = default_tracking_uri(tmp_path / "runs")
     assert uri == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
     before = listening()  # (a Ray driver of another test in this process may hold loopback ports)
-    with mlflow_run(uri, "probe", {"ipc": "1"}):
-        log_metrics({"acc": 1.0})
-        during = listening()
+    run = SetRun(uri, tmp_path / "set", "probe", {"ipc": "1"}, {}, time.time())
+    run.finish({"acc": 1.0}, [], {})
+    during = listening()
     assert during - before == set()
     assert (tmp_path / "runs" / "mlflow.db").stat().st_size > 0
