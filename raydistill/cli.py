@@ -175,6 +175,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from raydistill.distill import evaluate_images, load_distilled, open_dataset, selected_labels
 
     cfg = _config(a, method="random")
+    if cfg.num_evals < 1:
+        raise UserError(f"--num-evals must be at least 1 to evaluate, got {cfg.num_evals}",
+                        "pass --num-evals 1 or more")
     ds = open_dataset(cfg)
     labels = selected_labels(cfg, ds)
     _check_eval(cfg, ds)
