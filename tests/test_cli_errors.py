@@ -283,6 +283,14 @@ CASES: dict[str, tuple[Case, str]] = {
                                        r"shard manifest c0001-i00000\.parquet is not a readable parquet file"),
     "resume: manifest rows removed": (lambda t, m: _resume(t, "manifest"),
                                       r"t-shirt_top/0\.png is in the set but not in manifest\.parquet .*remove it"),
+    # issue 25: reading commands write nothing, flags are named as the user typed them
+    "compare missing root": (lambda t, m: (["compare", "--root", str(t / "new")], None),
+                             r"no raydistill runs in sqlite:///.*new/mlflow\.db \(no such database\)"),
+    "compare empty root": (lambda t, m: (["compare", "--root", str(_empty(t / "empty"))], t / "empty"),
+                           r"no raydistill runs in sqlite:///.*empty/mlflow\.db"),
+    "evaluate num-evals 0": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
+                                            "0,1", "--num-evals", "0"], t / "set"),
+                             r"--num-evals must be at least 1 to evaluate, got 0"),
     "evaluate ipc above set": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
                                               "0,1", "--ipc", "5"], t / "set"),
                                r"has 3 images in .*fewer than IPC 5"),
@@ -295,7 +303,13 @@ NO_FMNIST = {"missing data root", "unknown dataset", "unknown command", "no comm
              "igd window reversed", "igd window not a pair", "igd scale negative", "igd gamma not a number",
              "igd grad ipc 0", "igd surrogate missing", "mgd3 mode method nosuch", "mode scale negative",
              "unknown --set key", "--set without =", "config igd window reversed", "config ipc not a number",
-             "config cfg weight negative", "image size 0", "folder class name with .."}
+             "config cfg weight negative", "image size 0", "folder class name with ..", "compare missing root",
+             "compare empty root"}
+
+
+def _empty(d: Path) -> Path:
+    d.mkdir()
+    return d
 
 
 def _truncate(t: Path) -> Path:
@@ -320,7 +334,7 @@ def test_bad_input_gives_one_line_and_exit_2(name: str, tmp_path: Path, tiny_mod
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in out + err
     if keep is not None:
-        assert _snapshot(keep) == before
+        assert _snapshot(keep) == before  # (compare on an empty root: no mlflow.db either)
     assert not (tmp_path / "new").exists()  # no main output folder was started either
     assert not (tmp_path / "code-ran").exists()  # no checkpoint ran code while being read
 
@@ -354,6 +368,24 @@ def test_subprocess_bad_input_exit_2_one_line(tmp_path: Path, args: list[str]) -
     assert len(lines) == 1 and lines[0].startswith("raydistill: error: "), p.stderr
     assert "Traceback" not in p.stdout + p.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_python_dash_m_raydistill_and_a_plain_pickle_give_only_our_line(tmp_path: Path, tiny_model) -> None:
+    """``python -m raydistill`` (``__main__.py``) runs the CLI; a plain pickle (protocol 4) as --model gives our one
+    line and not torch's protocol warning before it."""
+    import pickle
+
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (["distill", "--ipc", "0"],
+                 _distill(tmp_path, "--model", str(tmp_path / "plain.pt"), "--vae", str(tiny_model[1]),
+                          "--model-size", "test")):
+        p = subprocess.run([sys.executable, "-m", "raydistill", *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("raydistill: error: "), p.stderr
+    assert "cannot read" in p.stderr and "plain.pt as a torch checkpoint" in p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plain.pt"]
 
 
 def test_console_script_matches_module(tmp_path: Path) -> None:
