@@ -357,3 +357,40 @@ def test_random_method_is_seeded_and_copies_real_training_images(tmp_path: Path)
             assert labels[r["seed"]] == r["label"]
             assert np.array_equal(_decode(tmp_path / name / r["path"]), images[r["seed"]])
         assert verify_set(tmp_path / name) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a full disk at each write point (tests/enospc.py): one UserError, committed shards intact, no debris, then resumable
+
+def _debris(out: Path) -> list[str]:
+    """Temporary files and staged PNGs left in the set or its sidecar."""
+    places = [out, sidecar(out)]
+    return sorted(str(p) for d in places if d.exists() for p in d.rglob("*")
+                  if ".tmp" in p.name or "staging" in p.relative_to(d).parts[:1] and p.is_file())
+
+
+@needs_fmnist
+@pytest.mark.parametrize("point, nth, committed", [
+    ("run.json", 1, 0), ("staged png", 3, 2), ("png rename", 3, 2), ("shard parquet", 3, 2), ("shard rename", 3, 2),
+    ("manifest", 1, 6), ("grid", 1, 6)])
+def test_full_disk_at_each_write_point(tmp_path: Path, point: str, nth: int, committed: int) -> None:
+    from raydistill.outputs import committed_damage
+    from tests.enospc import full_disk_at
+
+    cfg = _cfg(tmp_path / "set", method="random", seed=0)
+    ref = distill_local(cfg.with_(out=str(tmp_path / "ref")), shard_size=1)
+    out = tmp_path / "set"
+    with full_disk_at(point, nth) as hit, pytest.raises(UserError) as e:
+        distill_local(cfg, shard_size=1)
+    assert hit, f"the write point {point!r} was never reached"
+    assert f"no space left on the device of {out}" in str(e.value) and "rerun the same command" in str(e.value)
+    in_sidecar = 0 if point == "grid" else committed  # (the grid is drawn after the manifest took the shards over)
+    assert len(list(shards_dir(out).glob("*.parquet"))) == in_sidecar
+    assert committed_damage(out) is None  # what was committed before is intact
+    assert _debris(out) == []  # the half-written shard, file or rename left nothing behind
+    again = distill_local(cfg, shard_size=1)  # the same command once there is room
+    assert (again.shards_run, again.shards_skipped) == (6 - committed, committed)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again.rows] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in ref.rows]
+    assert verify_set(out) == [] and not sidecar(out).exists()
+    assert (out / "grid.png").read_bytes() == (tmp_path / "ref" / "grid.png").read_bytes()
