@@ -65,8 +65,10 @@ def set_finished(c: DistillConfig) -> bool:
 
 
 def has_work(c: DistillConfig, results: dict) -> bool:
-    """Whether a run of ``c`` changes anything: images to make, evaluations or coverage to add."""
-    return not set_finished(c) or bool(missing_evals(c, results)) or needs_coverage(c, results)
+    """Whether a run of ``c`` changes anything: images to make, evaluations or coverage to add, or the results of a
+    job killed before it wrote them (``metrics.json`` is written last, after the MLflow run finished)."""
+    return (not set_finished(c) or bool(missing_evals(c, results)) or needs_coverage(c, results)
+            or not (Path(c.out) / METRICS).is_file())
 
 
 def merged(c: DistillConfig, results: dict, sampled: tuple[float, float, int], new_evals: dict[str, dict],
