@@ -93,9 +93,9 @@ def user_errors_from_ray() -> Iterator[None]:
     """Re-raise a UserError that a Ray task or actor raised inside the block as itself (one line at the CLI)."""
     try:
         yield
-    except UserError:
-        raise
     except Exception as e:
+        if type(e) is UserError:  # ours, raised in the driver (a task's arrives as RayTaskError(UserError))
+            raise
         ue = user_error_in(e)
         if ue is None:
             raise
