@@ -114,6 +114,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from raydistill.preflight import check_eval
 
     cfg = _config(a, method="random")
+    if cfg.num_evals < 1:
+        raise UserError(f"--num-evals must be at least 1 to evaluate, got {cfg.num_evals}",
+                        "pass --num-evals 1 or more")
     ds = open_dataset(cfg)
     labels = selected_labels(cfg, ds)
     check_eval(cfg, ds)
@@ -152,7 +155,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from raydistill.orchestration.compare import collect_runs, format_runs, plot_runs
     from raydistill.orchestration.tracking import default_tracking_uri
 
-    uri = a.tracking_uri or default_tracking_uri(a.root)
+    uri = a.tracking_uri or default_tracking_uri(a.root, create=False)  # reading: makes no folder
     rows = collect_runs(uri, method=a.method, dataset=a.dataset, ipc=a.ipc, study=a.study)
     if not rows:
         raise UserError(f"no runs with an accuracy match the filters in {uri}", "loosen --method/--dataset/--ipc")

@@ -1,13 +1,19 @@
 """The distilled set on disk: ``<out>/<class_name>/<k>.png`` plus ``manifest.parquet``, ``grid.png``, ``metrics.json``.
 
-The PNG tree is the layout the official evaluation scripts read. Writing is shard by shard and atomic: a shard's
-PNGs are written under ``<out>/.staging/<shard>/`` and renamed into place, then its manifest rows are committed by
-renaming ``<out>/.shards/<shard>.parquet`` into place. A shard whose parquet exists is done and is never redone;
-the final ``manifest.parquet`` is the union of the shard files, itself written to a temporary file and renamed.
-``<out>/run.json`` records the generation settings' fingerprint, so a rerun resumes only the same settings, and only
-when the committed part is intact (every shard manifest readable, every PNG matching its sha256, ``manifest.parquet``
-equal to the union of the shards): a set edited by hand is refused, not silently mixed. A full disk is a UserError
-that removes the half-written shard and keeps every committed one.
+The PNG tree is the layout the official evaluation scripts read, and nothing else in ``<out>`` is a folder, so
+``torchvision.datasets.ImageFolder(<out>)`` loads the set (its class index is the rank of the class folder name in
+sorted order; :func:`imagefolder_to_label` maps it to the manifest's ``label``). The bookkeeping of a set in progress
+lives beside it, in the sidecar ``<parent>/.<name>.raydistill/`` (:func:`sidecar`): writing is shard by shard and
+atomic, a shard's PNGs are written under ``<sidecar>/staging/<shard>/`` and renamed into place, then its manifest rows
+are committed by renaming ``<sidecar>/shards/<shard>.parquet`` into place. A shard whose parquet exists is done and
+is never redone; the final ``manifest.parquet`` is the union of the shard files, written to a temporary file and
+renamed, and then the sidecar is removed: a finished set is self-contained and its manifest says which shards are
+done. ``<out>/run.json`` records the generation settings' fingerprint, so a rerun resumes only the same settings,
+and only when the committed part is intact (every manifest readable, every PNG matching its sha256, no PNG the
+manifests do not list, ``manifest.parquet`` equal to the union of the shards): a set edited by hand is refused, not
+silently mixed. Every file is written only when its bytes change, so a rerun of a finished set writes nothing (and
+works on a read-only filesystem). A full disk is a UserError that removes the half-written shard and keeps every
+committed one.
 """
 
 from __future__ import annotations
@@ -30,8 +36,20 @@ from raydistill.data.base import safe_class_name
 from raydistill.errors import UserError
 
 MANIFEST = "manifest.parquet"
-SHARDS_DIR = ".shards"
-STAGING_DIR = ".staging"
+
+
+def sidecar(out: str | Path) -> Path:
+    """The bookkeeping folder of the set at ``out`` while it is made: ``<parent>/.<name>.raydistill``."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.raydistill"
+
+
+def shards_dir(out: str | Path) -> Path:
+    return sidecar(out) / "shards"
+
+
+def staging_dir(out: str | Path) -> Path:
+    return sidecar(out) / "staging"
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -70,6 +88,9 @@ def disk_full_is_user_error(where: Path, cleanup: Sequence[Path] = ()) -> Iterat
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename; nothing at all when it already holds them."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with disk_full_is_user_error(path.parent, [tmp]):
         tmp.write_bytes(data)
@@ -89,6 +110,9 @@ def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} is a file", "choose another --out")
+    if not out.resolve().name or os.path.ismount(out):
+        raise UserError(f"output folder {out} is a filesystem root or mount point",
+                        "choose a folder inside it as --out (the set's bookkeeping goes next to it)")
     run_file = out / "run.json"
     if run_file.exists():
         try:
@@ -109,7 +133,7 @@ def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False)
             if overwrite:
                 return True
             raise UserError(f"{out}: {damage[0]}", damage[1])
-    elif out.exists() and any(out.iterdir()) and not overwrite and not (out / SHARDS_DIR).exists():
+    elif out.exists() and any(out.iterdir()) and not overwrite and not sidecar(out).exists():
         raise UserError(f"{out} exists and is not a raydistill output directory",
                         "choose another --out or pass --overwrite")
     return False
@@ -133,33 +157,54 @@ def _read_rows(f: Path) -> list[dict] | None:
         return None
 
 
+def _row_damage(out: Path, r: dict, where: str) -> str | None:
+    """What is wrong with one committed manifest row of ``where`` (None: its PNG is there with its sha256)."""
+    if not _row_path_ok(r) or not isinstance(r.get("sha256"), str) or not isinstance(r.get("label"), int):
+        return f"{where} has a malformed row (edited by hand?)"
+    png = out / r["path"]
+    if not png.is_file() or sha256(png.read_bytes()) != r["sha256"]:
+        return f"{r['path']} is missing or does not match its sha256 in {where} (edited by hand?)"
+    return None
+
+
 def committed_damage(out: str | Path) -> tuple[str, str] | None:
     """(problem, fix) when the committed part of ``out`` changed after it was written, else None. Reads only.
 
-    Checked: each ``.shards/*.parquet`` reads and has sane rows, each PNG it lists exists with its sha256, and
-    ``manifest.parquet`` (when present) equals the union of the shards.
+    Checked: each shard manifest in the sidecar and ``manifest.parquet`` read and have sane rows, each PNG they list
+    exists with its sha256, ``manifest.parquet`` equals the union of the shards while both exist, and a finished set
+    (one with ``manifest.parquet``) has no PNG its manifest does not list.
     """
     out = Path(out)
     rows: list[dict] = []
-    for f in sorted((out / SHARDS_DIR).glob("*.parquet")):
+    shards = sorted(shards_dir(out).glob("*.parquet"))
+    for f in shards:
         shard_rows = _read_rows(f)
         redo = f"delete {f} to make that shard again, or pass --overwrite"
         if shard_rows is None:
             return f"shard manifest {f.name} is not a readable parquet file (edited by hand?)", redo
         for r in shard_rows:
-            if not _row_path_ok(r) or not isinstance(r.get("sha256"), str) or not isinstance(r.get("label"), int):
-                return f"shard manifest {f.name} has a malformed row (edited by hand?)", redo
-            png = out / r["path"]
-            if not png.is_file() or sha256(png.read_bytes()) != r["sha256"]:
-                return (f"{r['path']} is missing or does not match its sha256 in {SHARDS_DIR}/{f.name} "
-                        "(edited by hand?)", redo)
+            problem = _row_damage(out, r, f"shard manifest {f.name}")
+            if problem is not None:
+                return problem, redo
         rows.extend(shard_rows)
     manifest = out / MANIFEST
     if manifest.exists():
         got = _read_rows(manifest)
-        if got != sorted(rows, key=lambda r: (r["label"], r["index"])):
-            return (f"{MANIFEST} does not match the shard manifests in {SHARDS_DIR} (edited by hand?)",
-                    f"delete {manifest} to rebuild it from {SHARDS_DIR}, or pass --overwrite")
+        redo = "pass --overwrite to make the set again"
+        if got is None:
+            return f"{MANIFEST} is not a readable parquet file (edited by hand?)", redo
+        if shards and got != sorted(rows, key=lambda r: (r["label"], r["index"])):
+            return (f"{MANIFEST} does not match the shard manifests in {shards_dir(out)} (edited by hand?)",
+                    f"delete {manifest} to rebuild it from the shards, or pass --overwrite")
+        for r in got:
+            problem = _row_damage(out, r, MANIFEST)
+            if problem is not None:
+                return problem, redo
+        listed = {r["path"] for r in got}  # finished: every PNG is listed (in progress: a shard's leftovers)
+        stray = sorted(str(p.relative_to(out)) for p in out.glob("*/*.png") if str(p.relative_to(out)) not in listed)
+        if stray:
+            return (f"{stray[0]} is in the set but not in {MANIFEST} (edited by hand, or rows removed?)",
+                    "remove it, or pass --overwrite to make the set again")
     return None
 
 
@@ -174,38 +219,44 @@ class Shard:
 
 
 class DistilledSetWriter:
-    """Writes a distilled set shard by shard into ``out`` (see the module docstring)."""
+    """Writes a distilled set shard by shard into ``out`` (see the module docstring).
+
+    Opening a finished set of the same settings writes nothing: its shards are those its manifest lists.
+    """
 
     def __init__(self, out: str | Path, class_names: Sequence[str], fingerprint: str, settings: dict,
                  overwrite: bool = False) -> None:
         self.out = Path(out)
         self.class_names = [safe_class_name(c) for c in class_names]
         self.fingerprint = fingerprint
+        self.shards = shards_dir(self.out)
         run_file = self.out / "run.json"
         if check_output_dir(self.out, fingerprint, overwrite):
             self._clear()
+        self.done = {str(r["shard"]) for r in _read_rows(self.out / MANIFEST) or []}
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / SHARDS_DIR).mkdir(exist_ok=True)
         text = json.dumps({"fingerprint": fingerprint, "settings": settings}, indent=1, default=str)
-        if not run_file.exists() or run_file.read_text() != text:  # a resume touches nothing
-            atomic_write_text(run_file, text)
+        atomic_write_text(run_file, text)  # a resume touches nothing: only changed bytes are written
 
     def _clear(self) -> None:
         for child in self.out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+        shutil.rmtree(sidecar(self.out), ignore_errors=True)
 
     def shard_done(self, shard_id: str) -> bool:
-        return (self.out / SHARDS_DIR / f"{shard_id}.parquet").exists()
+        return shard_id in self.done or (self.shards / f"{shard_id}.parquet").exists()
 
     def commit(self, shard_id: str, rows: list[dict], pngs: list[bytes]) -> None:
         """Write one shard's PNGs and manifest rows atomically (rows carry ``class_name`` and ``index``)."""
-        stage = self.out / STAGING_DIR / shard_id
-        tmp = self.out / SHARDS_DIR / f".{shard_id}.parquet.tmp"
+        stage = staging_dir(self.out) / shard_id
+        tmp = self.shards / f".{shard_id}.parquet.tmp"
         for row, data in zip(rows, pngs):
             row["path"] = f"{safe_class_name(row['class_name'])}/{int(row['index'])}.png"
             row["sha256"] = sha256(data)
+            row["shard"] = shard_id
         # on a full disk: drop this shard's staged, moved and temporary files; committed shards stay as they were
         with disk_full_is_user_error(self.out, [stage, tmp] + [self.out / r["path"] for r in rows]):
+            self.shards.mkdir(parents=True, exist_ok=True)
             if stage.exists():
                 shutil.rmtree(stage)
             stage.mkdir(parents=True)
@@ -217,22 +268,33 @@ class DistilledSetWriter:
                 os.replace(stage / f"{row['class_name']}__{row['index']}.png", dest)
             shutil.rmtree(stage, ignore_errors=True)
             tmp.write_bytes(_parquet_bytes(rows))
-            os.replace(tmp, self.out / SHARDS_DIR / f"{shard_id}.parquet")
+            os.replace(tmp, self.shards / f"{shard_id}.parquet")
 
     def finalize(self) -> list[dict]:
-        """Merge the shard manifests into ``manifest.parquet`` (sorted by label, index); returns the rows."""
+        """Merge the shard manifests into ``manifest.parquet`` (sorted by label, index), then drop the sidecar;
+        returns the rows. A finished set is left as it is."""
         import pyarrow.parquet as pq
 
+        shard_files = sorted(self.shards.glob("*.parquet"))
+        if not shard_files and (self.out / MANIFEST).exists():
+            return read_manifest(self.out)
         rows: list[dict] = []
-        for f in sorted((self.out / SHARDS_DIR).glob("*.parquet")):
+        for f in shard_files:
             rows.extend(pq.read_table(f).to_pylist())
         rows.sort(key=lambda r: (r["label"], r["index"]))
-        tmp = self.out / f".{MANIFEST}.tmp"
-        with disk_full_is_user_error(self.out, [tmp]):
-            tmp.write_bytes(_parquet_bytes(rows))
-            os.replace(tmp, self.out / MANIFEST)
-        shutil.rmtree(self.out / STAGING_DIR, ignore_errors=True)
+        _atomic_write_bytes(self.out / MANIFEST, _parquet_bytes(rows))
+        shutil.rmtree(sidecar(self.out), ignore_errors=True)
         return rows
+
+
+def imagefolder_to_label(out: str | Path) -> dict[int, int]:
+    """``torchvision.datasets.ImageFolder(out)``'s class index -> the manifest's ``label`` (the dataset's label).
+
+    ImageFolder numbers the class folders in sorted order of their names; the index equals the label when the
+    class names sort in label order and every class is in the set (ImageNet's wnids, digits' "0".."9").
+    """
+    names = {str(r["class_name"]): int(r["label"]) for r in read_manifest(out)}
+    return {i: names[n] for i, n in enumerate(sorted(names))}
 
 
 def _parquet_bytes(rows: list[dict]) -> bytes:

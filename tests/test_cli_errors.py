@@ -108,24 +108,45 @@ def _junk(tmp: Path, name: str, data: bytes) -> Path:
     return tmp / name
 
 
+def _unfinished(tmp: Path) -> Path:
+    """The set ``_random_set`` makes, killed after its first shard: one shard manifest in the sidecar, no manifest."""
+    from raydistill.distill import ShardRunner, plan_shards, selected_labels
+    from raydistill.outputs import DistilledSetWriter
+
+    cfg = DistillConfig(data_root=F, classes=("0", "1"), ipc=3, method="random", seed=0, out=str(tmp / "set"))
+    runner = ShardRunner(cfg)
+    writer = DistilledSetWriter(cfg.out, runner.ds.class_names, cfg.fingerprint(), cfg.generation_key())
+    shard = plan_shards(cfg, selected_labels(cfg, runner.ds))[1]
+    writer.commit(shard.shard_id, *runner.run(shard))
+    return tmp / "set"
+
+
 def _edited(tmp: Path, how: str) -> Path:
-    """A finished random set (seed 0, classes 0,1, IPC 3) under ``tmp/set``, then changed by hand ``how``."""
+    """A random set (seed 0, classes 0,1, IPC 3) under ``tmp/set``, finished or not, then changed by hand ``how``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from raydistill.outputs import shards_dir
+
+    if how == "shard garbage":
+        out = _unfinished(tmp)
+        (shards_dir(out) / "c0001-i00000.parquet").write_bytes(b"PAR1 not really")
+        return out
+    if how == "shard png":
+        out = _unfinished(tmp)
+        (out / "trouser" / "1.png").write_bytes(png_bytes(torch.zeros(1, 28, 28, dtype=torch.uint8)))
+        return out
     out = _random_set(tmp / "set", seed=0)
-    shard = out / ".shards" / "c0001-i00000.parquet"
+    manifest = out / "manifest.parquet"
     if how == "png":
         (out / "trouser" / "1.png").write_bytes(png_bytes(torch.zeros(1, 28, 28, dtype=torch.uint8)))
-    elif how == "shard path":
-        rows = pq.read_table(shard).to_pylist()
+    elif how == "manifest path":
+        rows = pq.read_table(manifest).to_pylist()
         rows[0]["path"] = "../../escaped.png"
-        pq.write_table(pa.Table.from_pylist(rows), shard)
-    elif how == "shard garbage":
-        shard.write_bytes(b"PAR1 not really")
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
     elif how == "manifest":
-        rows = pq.read_table(out / "manifest.parquet").to_pylist()
-        pq.write_table(pa.Table.from_pylist(rows[1:]), out / "manifest.parquet")
+        rows = pq.read_table(manifest).to_pylist()
+        pq.write_table(pa.Table.from_pylist(rows[1:]), manifest)
     return out
 
 
@@ -277,16 +298,18 @@ CASES: dict[str, tuple[Case, str]] = {
                                   r"class name 'a\.\.b'"),
     # a set edited by hand after it was written: resuming it is refused, nothing is touched
     "resume: png replaced": (lambda t, m: _resume(t, "png"),
-                             r"trouser/1\.png is missing or does not match its sha256 in \.shards/c0001-i00000"
-                             r"\.parquet .*delete .*c0001-i00000\.parquet to make that shard again, or pass "
-                             r"--overwrite"),
-    "resume: shard path escapes": (lambda t, m: _resume(t, "shard path"),
-                                   r"shard manifest c0001-i00000\.parquet has a malformed row"),
+                             r"trouser/1\.png is missing or does not match its sha256 in manifest\.parquet "
+                             r".*pass --overwrite"),
+    "resume: shard png replaced": (lambda t, m: _resume(t, "shard png"),
+                                   r"trouser/1\.png is missing or does not match its sha256 in shard manifest "
+                                   r"c0001-i00000\.parquet .*delete .*c0001-i00000\.parquet to make that shard "
+                                   r"again, or pass --overwrite"),
+    "resume: manifest path escapes": (lambda t, m: _resume(t, "manifest path"),
+                                      r"manifest\.parquet has a malformed row"),
     "resume: shard manifest garbage": (lambda t, m: _resume(t, "shard garbage"),
                                        r"shard manifest c0001-i00000\.parquet is not a readable parquet file"),
     "resume: manifest rows removed": (lambda t, m: _resume(t, "manifest"),
-                                      r"manifest\.parquet does not match the shard manifests .*delete .*manifest"
-                                      r"\.parquet to rebuild it"),
+                                      r"t-shirt_top/0\.png is in the set but not in manifest\.parquet .*remove it"),
     # issue 25.1: every float parameter finite and in range, before Ray starts
     "cfg scale nan": (lambda t, m: (_distill(t, "--cfg-scale", "nan"), None), r"cfg_scale must be a finite number "
                       r">= 0, got nan"),
@@ -328,6 +351,14 @@ CASES: dict[str, tuple[Case, str]] = {
     "folder image corrupt": (lambda t, m: (["distill", "--dataset", "folder", "--data-root", str(_corrupt_folder(t)),
                                             "--method", "random", "--ipc", "1", "--root", str(t / "runs")],
                                            t / "folder"), r"cannot decode image .*dog/1\.png"),
+    # issue 25: reading commands write nothing, flags are named as the user typed them
+    "compare missing root": (lambda t, m: (["compare", "--root", str(t / "new")], None),
+                             r"no raydistill runs in sqlite:///.*new/mlflow\.db \(no such database\)"),
+    "compare empty root": (lambda t, m: (["compare", "--root", str(_empty(t / "empty"))], t / "empty"),
+                           r"no raydistill runs in sqlite:///.*empty/mlflow\.db"),
+    "evaluate num-evals 0": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
+                                            "0,1", "--num-evals", "0"], t / "set"),
+                             r"--num-evals must be at least 1 to evaluate, got 0"),
     "evaluate ipc above set": (lambda t, m: (["evaluate", str(_png_tree(t / "set")), "--data-root", F, "--classes",
                                               "0,1", "--ipc", "5"], t / "set"),
                                r"has 3 images in .*fewer than IPC 5"),
@@ -342,7 +373,12 @@ NO_FMNIST = {"missing data root", "unknown dataset", "unknown command", "no comm
              "unknown --set key", "--set without =", "config igd window reversed", "config ipc not a number",
              "config cfg weight negative", "image size 0", "folder class name with ..", "cfg scale nan",
              "cfg scale inf", "igd scale nan", "igd gamma inf", "mode scale nan", "t_stop 100", "t_stop -5",
-             "seed -1", "ipc 1e9", "folder image corrupt"}
+             "seed -1", "ipc 1e9", "folder image corrupt", "compare missing root", "compare empty root"}
+
+
+def _empty(d: Path) -> Path:
+    d.mkdir()
+    return d
 
 
 def _truncate(t: Path) -> Path:
@@ -367,7 +403,7 @@ def test_bad_input_gives_one_line_and_exit_2(name: str, tmp_path: Path, tiny_mod
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in out + err
     if keep is not None:
-        assert _snapshot(keep) == before
+        assert _snapshot(keep) == before  # (compare on an empty root: no mlflow.db either)
     assert not (tmp_path / "new").exists()  # no main output folder was started either
     assert not (tmp_path / "code-ran").exists()  # no checkpoint ran code while being read
 
@@ -401,6 +437,24 @@ def test_subprocess_bad_input_exit_2_one_line(tmp_path: Path, args: list[str]) -
     assert len(lines) == 1 and lines[0].startswith("raydistill: error: "), p.stderr
     assert "Traceback" not in p.stdout + p.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+
+
+def test_python_dash_m_raydistill_and_a_plain_pickle_give_only_our_line(tmp_path: Path, tiny_model) -> None:
+    """``python -m raydistill`` (``__main__.py``) runs the CLI; a plain pickle (protocol 4) as --model gives our one
+    line and not torch's protocol warning before it."""
+    import pickle
+
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (["distill", "--ipc", "0"],
+                 _distill(tmp_path, "--model", str(tmp_path / "plain.pt"), "--vae", str(tiny_model[1]),
+                          "--model-size", "test")):
+        p = subprocess.run([sys.executable, "-m", "raydistill", *args], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("raydistill: error: "), p.stderr
+    assert "cannot read" in p.stderr and "plain.pt as a torch checkpoint" in p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["plain.pt"]
 
 
 def test_console_script_matches_module(tmp_path: Path) -> None:

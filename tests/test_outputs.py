@@ -18,13 +18,14 @@ from raydistill.distill import distill_local
 from raydistill.errors import UserError
 from raydistill.outputs import (
     MANIFEST,
-    SHARDS_DIR,
-    STAGING_DIR,
     DistilledSetWriter,
+    imagefolder_to_label,
     load_png_tree,
     png_bytes,
     read_manifest,
     sha256,
+    shards_dir,
+    sidecar,
     to_uint8,
     verify_set,
 )
@@ -110,7 +111,8 @@ def test_commit_finalize_layout_manifest_and_checksums(tmp_path: Path) -> None:
     for rel, img in written.items():
         assert np.array_equal(_decode(out / rel), img[0].numpy())
     assert sorted(str(p.relative_to(out)) for p in out.glob("*/*.png")) == sorted(written)
-    assert not (out / STAGING_DIR).exists()
+    assert not sidecar(out).exists()  # the bookkeeping is gone once the set is finished
+    assert sorted(p.name for p in out.iterdir()) == ["cat", "dog", MANIFEST, "run.json"]
     rows = read_manifest(out)
     assert rows == pq.read_table(out / MANIFEST).to_pylist()
     assert [(r["label"], r["index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -144,12 +146,36 @@ def test_rerun_with_same_fingerprint_resumes_and_touches_nothing(tmp_path: Path)
     before = _snapshot(out)
     w = DistilledSetWriter(out, CLASSES, "fp-a", {"seed": 0})
     assert w.shard_done("c0") and w.shard_done("c1") and not w.shard_done("c2")
-    after = _snapshot(out)
-    assert _bytes_only(after) == _bytes_only(before)
-    # run.json is rewritten with the same content; the images and shard manifests are not touched at all
-    assert {k: v for k, v in after.items() if k != "run.json"} == {k: v for k, v in before.items() if k != "run.json"}
     assert w.finalize() == read_manifest(out)
+    assert _snapshot(out) == before  # bytes and mtime of every file, run.json and the manifest included
+    assert not sidecar(out).exists()
     assert verify_set(out) == []
+
+
+def test_set_loads_with_a_plain_torchvision_imagefolder(tmp_path: Path) -> None:
+    """The class tree holds only class folders (the bookkeeping is in the sidecar, gone once finished), so
+    ``ImageFolder(<set>)`` loads every image; its class index maps to the manifest label by
+    ``imagefolder_to_label`` and equals the label when the names sort in label order (here: cat, dog)."""
+    from torchvision.datasets import ImageFolder
+
+    out = tmp_path / "set"
+    _write_set(out)
+    ds = ImageFolder(str(out))
+    assert ds.classes == CLASSES and len(ds) == 4
+    to_label = imagefolder_to_label(out)
+    by_path = {r["path"]: r["label"] for r in read_manifest(out)}
+    for path, idx in ds.samples:
+        assert to_label[idx] == by_path[str(Path(path).relative_to(out))] == idx
+    # names that do not sort in label order: the mapping, not the index, gives the label
+    rev = tmp_path / "rev"
+    w = DistilledSetWriter(rev, ["zebra", "ant"], "fp", {})
+    for label, name in enumerate(("zebra", "ant")):
+        w.commit(f"c{label}", [{"class_name": name, "label": label, "index": 0}], [png_bytes(_images(label, 1)[0])])
+        assert (shards_dir(rev) / f"c{label}.parquet").is_file() and not (rev / ".shards").exists()
+    w.finalize()
+    ds = ImageFolder(str(rev))
+    assert ds.classes == ["ant", "zebra"] and imagefolder_to_label(rev) == {0: 1, 1: 0}
+    assert [imagefolder_to_label(rev)[i] for _, i in ds.samples] == [1, 0]
 
 
 def test_other_fingerprint_is_refused_and_leaves_every_file(tmp_path: Path) -> None:
@@ -201,7 +227,7 @@ def test_unrelated_non_empty_directory_is_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     DistilledSetWriter(empty, CLASSES, "fp-a", {})  # an empty folder is fine
-    assert (empty / "run.json").is_file() and (empty / SHARDS_DIR).is_dir()
+    assert (empty / "run.json").is_file() and list(empty.iterdir()) == [empty / "run.json"]
 
 
 def test_output_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
@@ -298,9 +324,8 @@ def test_distill_local_tiny_model_writes_set_and_resumes(tmp_path: Path, tiny_mo
     assert (again.shards_run, again.shards_skipped) == (0, 2)
     assert again.rows == res.rows
     after = _snapshot(out)
-    for rel in pngs + [f"{SHARDS_DIR}/c0000-i00000.parquet", f"{SHARDS_DIR}/c0001-i00000.parquet"]:
-        assert after[rel] == before[rel]  # bytes and mtime: not rewritten
-    assert _bytes_only(after) == _bytes_only(before)
+    assert after == before  # bytes and mtime of every file (PNGs, manifest, grid, run.json): nothing rewritten
+    assert not sidecar(out).exists()
 
 
 def _raw_fmnist_train() -> tuple[np.ndarray, np.ndarray]:
@@ -332,3 +357,40 @@ def test_random_method_is_seeded_and_copies_real_training_images(tmp_path: Path)
             assert labels[r["seed"]] == r["label"]
             assert np.array_equal(_decode(tmp_path / name / r["path"]), images[r["seed"]])
         assert verify_set(tmp_path / name) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a full disk at each write point (tests/enospc.py): one UserError, committed shards intact, no debris, then resumable
+
+def _debris(out: Path) -> list[str]:
+    """Temporary files and staged PNGs left in the set or its sidecar."""
+    places = [out, sidecar(out)]
+    return sorted(str(p) for d in places if d.exists() for p in d.rglob("*")
+                  if ".tmp" in p.name or "staging" in p.relative_to(d).parts[:1] and p.is_file())
+
+
+@needs_fmnist
+@pytest.mark.parametrize("point, nth, committed", [
+    ("run.json", 1, 0), ("staged png", 3, 2), ("png rename", 3, 2), ("shard parquet", 3, 2), ("shard rename", 3, 2),
+    ("manifest", 1, 6), ("grid", 1, 6)])
+def test_full_disk_at_each_write_point(tmp_path: Path, point: str, nth: int, committed: int) -> None:
+    from raydistill.outputs import committed_damage
+    from tests.enospc import full_disk_at
+
+    cfg = _cfg(tmp_path / "set", method="random", seed=0)
+    ref = distill_local(cfg.with_(out=str(tmp_path / "ref")), shard_size=1)
+    out = tmp_path / "set"
+    with full_disk_at(point, nth) as hit, pytest.raises(UserError) as e:
+        distill_local(cfg, shard_size=1)
+    assert hit, f"the write point {point!r} was never reached"
+    assert f"no space left on the device of {out}" in str(e.value) and "rerun the same command" in str(e.value)
+    in_sidecar = 0 if point == "grid" else committed  # (the grid is drawn after the manifest took the shards over)
+    assert len(list(shards_dir(out).glob("*.parquet"))) == in_sidecar
+    assert committed_damage(out) is None  # what was committed before is intact
+    assert _debris(out) == []  # the half-written shard, file or rename left nothing behind
+    again = distill_local(cfg, shard_size=1)  # the same command once there is room
+    assert (again.shards_run, again.shards_skipped) == (6 - committed, committed)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again.rows] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in ref.rows]
+    assert verify_set(out) == [] and not sidecar(out).exists()
+    assert (out / "grid.png").read_bytes() == (tmp_path / "ref" / "grid.png").read_bytes()

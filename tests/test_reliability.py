@@ -4,7 +4,8 @@
   rerun resumes without redoing them and gives the same bytes as an uninterrupted run;
 - on a three-node loopback cluster (``ray.cluster_utils.Cluster``) a sampler actor's process is killed, then a whole
   node is removed, mid-run: the set completes, exactly IPC images per class, no duplicates, checksums valid;
-- a full disk (a 48 KiB tmpfs in a private mount namespace) is one line, exit 2, committed shards intact.
+- a full disk (ENOSPC injected at a write point while shards are in flight) is one line, exit 2, committed shards
+  intact.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from raydistill.outputs import SHARDS_DIR, read_manifest, verify_set
+from raydistill.outputs import read_manifest, shards_dir, sidecar, verify_set
 from tests.conftest import FMNIST_ROOT, needs_fmnist
 
 pytestmark = needs_fmnist
@@ -71,7 +71,7 @@ def _check_complete(out: Path, classes: int, ipc: int) -> list[dict]:
     assert len({r["path"] for r in rows}) == len(rows)
     assert len(list(out.glob("*/*.png"))) == classes * ipc  # no stray PNGs beside the manifest's
     assert verify_set(out) == []
-    assert not (out / ".staging").exists() and not list((out / SHARDS_DIR).glob(".*"))
+    assert not sidecar(out).exists()  # no staging, shard or temporary file is left once the set is finished
     return rows
 
 
@@ -86,13 +86,11 @@ def _cli(tmp: Path, tiny, out: Path) -> list[str]:
 
 
 def _committed(out: Path) -> dict[str, tuple[int, int]]:
-    """Committed shard manifests and their PNGs: name -> (inode, mtime_ns); a rewrite changes both."""
+    """The PNGs of the committed shards (in the sidecar): path -> (inode, mtime_ns); a rewrite changes both."""
     import pyarrow.parquet as pq
 
-    files = sorted((out / SHARDS_DIR).glob("*.parquet"))
-    stats = {f"{SHARDS_DIR}/{f.name}": f.stat() for f in files}
-    for f in files:
-        stats.update({r["path"]: (out / r["path"]).stat() for r in pq.read_table(f).to_pylist()})
+    stats = {r["path"]: (out / r["path"]).stat() for f in sorted(shards_dir(out).glob("*.parquet"))
+             for r in pq.read_table(f).to_pylist()}
     return {k: (s.st_ino, s.st_mtime_ns) for k, s in stats.items()}
 
 
@@ -108,7 +106,7 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while len(list((out / SHARDS_DIR).glob("*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
+        while len(list(shards_dir(out).glob("*.parquet"))) < 2 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -117,15 +115,15 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
         log.close()
     assert proc.returncode == -signal.SIGKILL
     before = _committed(out)
-    done = sum(1 for k in before if k.startswith(SHARDS_DIR))
+    done = len(list(shards_dir(out).glob("*.parquet")))
     assert 2 <= done < 6, f"{done} shards committed when killed: the kill did not land mid-run"
     assert not (out / "manifest.parquet").exists()
 
     p = subprocess.run(_cli(tmp_path, tiny_model, out), **run)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{6 - done} shards run, {done} resumed" in p.stdout  # the driver's own count of shards it made
-    after = _committed(out)
-    assert {k: after[k] for k in before} == before  # finished shards and their PNGs were not rewritten
+    after = {k: (v.st_ino, v.st_mtime_ns) for k, v in ((k, (out / k).stat()) for k in before)}
+    assert {k: after[k] for k in before} == before  # the finished shards' PNGs were not rewritten
     _check_complete(out, classes=3, ipc=2)
     assert _tree(out) == _tree(ref)
 
@@ -178,49 +176,35 @@ def test_cluster_nodes_listen_on_loopback_only(faults) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# a full disk: a tiny tmpfs in a private mount namespace (unshare; nothing is mounted on the host)
+# a full disk while shards are still in flight on Ray (tests/enospc.py: ENOSPC injected at one write point of the
+# driver's commits, deterministic; the tiny tmpfs this replaced raced Ray Data's executor against ray.shutdown)
 
-CHECK = """
-import json, sys
-from pathlib import Path
-from raydistill.outputs import committed_damage
-out = Path(sys.argv[1])
-debris = [str(p) for p in out.rglob("*") if ".tmp" in p.name] + [str(p) for p in (out / ".staging").glob("*")]
-print(json.dumps({"shards": len(list((out / ".shards").glob("*.parquet"))), "damage": committed_damage(out),
-                  "debris": debris}))
-"""
+@pytest.mark.parametrize("point", ["staged png", "shard rename"])
+def test_full_disk_is_one_line_and_keeps_committed_shards(tmp_path: Path, point: str) -> None:
+    from raydistill.outputs import committed_damage
 
-
-def test_full_disk_is_one_line_and_keeps_committed_shards(tmp_path: Path) -> None:
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
-        pytest.skip("no unshare / user+mount namespaces: cannot mount a private tmpfs without touching the host")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    cli = [sys.executable, "-m", "raydistill.cli", "distill", "--data-root", F, "--method", "random", "--classes",
-           "0,1,2", "--ipc", "4", "--shard-size", "1", "--num-evals", "0", "--root", str(tmp_path / "runs"),
-           "--out", str(disk / "set")]
-    script = (f"mount -t tmpfs -o size=48k tmpfs {disk} && {' '.join(cli)} 2>{tmp_path / 'err'}; "
-              f"echo rc=$?; {sys.executable} -c '{CHECK}' {disk / 'set'}")
-    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                       timeout=400)
-    rc = int(re.search(r"rc=(\d+)", p.stdout).group(1))
-    state = json.loads(p.stdout.strip().splitlines()[-1])
-    err = (tmp_path / "err").read_text()
-    ours = [line for line in err.splitlines() if line.startswith("raydistill: error: ")]
-    assert rc == 2, err[-3000:]
-    assert ours == [err.splitlines()[-1]] and "Traceback" not in err, err[-3000:]
-    assert re.search(r"no space left on the device of .*disk/set .*rerun the same command", ours[0]), ours[0]
-    assert 0 < state["shards"] < 12  # some shards were committed before the disk filled up
-    assert state["damage"] is None  # ... and they are intact: every PNG matches its sha256
-    assert state["debris"] == []  # the half-written shard left no staging or temporary files
-    assert not disk.joinpath("set").exists()  # the tmpfs was private to the namespace
+    out = tmp_path / "set"
+    cli = [sys.executable, str(REPO / "tests" / "enospc.py"), point, "3", "distill", "--data-root", F, "--method",
+           "random", "--classes", "0,1,2", "--ipc", "4", "--shard-size", "1", "--pool-size", "2", "--num-evals",
+           "0", "--baselines", "random", "--root", str(tmp_path / "runs"), "--out", str(out)]
+    p = subprocess.run(cli, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=400)
+    ours = [line for line in p.stderr.splitlines() if line.startswith("raydistill: error: ")]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert ours == [p.stderr.splitlines()[-1]] and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "core worker" not in p.stderr, p.stderr[-3000:]
+    assert re.search(r"no space left on the device of .*/set .*rerun the same command", ours[0]), ours[0]
+    assert "enospc hits: 1" in p.stdout  # the driver stopped at the first failing write
+    assert len(list(shards_dir(out).glob("*.parquet"))) == 2  # the two shards committed before are kept ...
+    assert committed_damage(out) is None  # ... intact: every PNG matches its sha256
+    debris = [str(x) for d in (out, sidecar(out)) for x in d.rglob("*") if ".tmp" in x.name]
+    assert debris == [] and not list((sidecar(out) / "staging").glob("*/*")), debris  # no half-written shard
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # MLflow: a file store under the output root, no server, no listening socket
 
 def test_mlflow_default_store_is_a_file_and_listens_nowhere(tmp_path: Path) -> None:
-    from raydistill.orchestration.tracking import default_tracking_uri, log_metrics, mlflow_run
+    from raydistill.orchestration.tracking import SetRun, default_tracking_uri
 
     def listening() -> set:
         me = psutil.Process()
@@ -230,8 +214,8 @@ def test_mlflow_default_store_is_a_file_and_listens_nowhere(tmp_path: Path) -> N
     uri = default_tracking_uri(tmp_path / "runs")
     assert uri == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
     before = listening()  # (a Ray driver of another test in this process may hold loopback ports)
-    with mlflow_run(uri, "probe", {"ipc": "1"}):
-        log_metrics({"acc": 1.0})
-        during = listening()
+    run = SetRun(uri, tmp_path / "set", "probe", {"ipc": "1"}, {}, time.time())
+    run.finish({"acc": 1.0}, [], {})
+    during = listening()
     assert during - before == set()
     assert (tmp_path / "runs" / "mlflow.db").stat().st_size > 0

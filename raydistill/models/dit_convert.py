@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +263,9 @@ def _read(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UserError(f"DiT checkpoint not found: {path}", "pass --model a diffusers directory or a DiT .pt file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle's protocol warning would print before our one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e).lower()  # an unsafe pickle names a global (class/function) that is not a tensor type
         if "weights only" in msg and any(w in msg for w in ("unsupported global", "allowed global",

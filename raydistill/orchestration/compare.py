@@ -2,6 +2,9 @@
 
 Rows come from every run of the ``raydistill`` experiment that has an accuracy metric (``acc_<preset>_<net>_mean``,
 what the main job and every completed or early-stopped trial log); study parent runs are summaries and are left out.
+A distilled set (runs tagged ``raydistill.set_id``) is one row per evaluation protocol: its latest FINISHED run,
+which holds every result of the set so far (reruns, killed and failed runs are left out). Reading writes nothing: a
+missing sqlite database is an error, not a new empty one.
 """
 
 from __future__ import annotations
@@ -31,15 +34,18 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
     """One dict per run: method, dataset, ipc, kind, status, eval, key params, accuracy, std, images/s."""
     import mlflow
 
-    from raydistill.orchestration.tracking import EXPERIMENT, _quiet
+    from raydistill.orchestration.tracking import EXPERIMENT, SET_ID_TAG, _quiet
 
     _quiet()
-    mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"no raydistill runs in {tracking_uri} (no such database)",
+                        "run `raydistill distill` or `raydistill tune` first, or pass --root/--tracking-uri")
+    mlflow.set_tracking_uri(tracking_uri)  # a sqlite database is opened only once it exists: compare writes nothing
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         raise UserError(f"no raydistill runs in {tracking_uri}",
                         "run `raydistill distill` or `raydistill tune` first, or pass --root/--tracking-uri")
     df = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="pandas")
-    rows = []
+    rows, latest = [], {}
     for _, r in df.iterrows():
         acc_cols = sorted(c for c in r.index if c.startswith("metrics.acc_") and c.endswith("_mean")
                           and r[c] == r[c])  # NaN-safe
@@ -65,7 +71,16 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
         if method and row["method"] != method or dataset and row["dataset"] != dataset or \
                 ipc and row["ipc"] != ipc or study and row["study"] != study:
             continue
+        sid = r.get(f"tags.{SET_ID_TAG}")
+        if isinstance(sid, str):  # a set's run: only its latest finished one per evaluation protocol is a row
+            if r["status"] != "FINISHED":
+                continue
+            key = (sid, row["eval"])
+            if key not in latest or r["start_time"] > latest[key][0]:
+                latest[key] = (r["start_time"], row)
+            continue
         rows.append(row)
+    rows.extend(row for _, row in latest.values())
     return sorted(rows, key=lambda x: (x["dataset"] or "", x["method"] or "", x["ipc"], -x["acc"]))
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from raydistill.config import DistillConfig
 from raydistill.distill import set_configs
 from raydistill.methods import get_method
-from raydistill.outputs import atomic_write_text
 
 
 @dataclass
@@ -29,23 +28,6 @@ class SetReport:
     evals: dict  # net -> EvalResult.to_dict()
     run_id: str | None = None
     coverage: dict | None = None  # mode_coverage, mode_distance (raydistill.evaluate.coverage)
-
-
-def user_error_in(exc: BaseException):
-    """The :class:`UserError` a Ray task/actor raised, found in the wrapping exception's chain (else None)."""
-    from raydistill.errors import UserError
-
-    seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            return UserError(e.problem, e.fix)
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
 
 
 def _evaluate_task(out: str, cfg_dict: dict, net: str, threads: int) -> dict:
@@ -74,29 +56,38 @@ def auto_pool_size(cpus: float, gpus: float, n_shards: int) -> int:
 def run_main_job(cfg: DistillConfig, root: str | Path, address: str | None = None, pool_size: int | None = None,
                  shard_size: int | None = None, gpus_per_actor: float | None = None, tracking_uri: str | None = None,
                  overwrite: bool = False, log: Callable[[str], None] = print) -> list[SetReport]:
-    """Sample every set, evaluate them all, then log one MLflow run per set. A UserError raised inside a Ray
-    actor or task is re-raised here as itself (one clear line at the CLI)."""
+    """Sample every set, evaluate them all, then finish one MLflow run per set that changed (results.py: a rerun
+    with nothing to add writes nothing). A UserError raised inside a Ray actor or task is re-raised here as itself
+    (one clear line at the CLI); the runs of a job that fails are marked FAILED (tracking.py)."""
+    from raydistill.orchestration.pipeline import check_actor_resources
+    from raydistill.orchestration.results import has_work, read_results
     from raydistill.orchestration.runtime import ray_session
-    from raydistill.orchestration.tracking import default_tracking_uri
+    from raydistill.orchestration.tracking import SetRun, check_tracking_uri, default_tracking_uri
 
+    check_actor_resources(1.0 if gpus_per_actor is None else gpus_per_actor, 0.25)  # before Ray starts
     tracking_uri = tracking_uri or default_tracking_uri(root)
+    check_tracking_uri(tracking_uri)
     sets = set_configs(cfg, root)
-    with ray_session(address):
-        try:
+    prev = {m: read_results(c.out) for m, c in sets.items()}
+    t_start = time.time()
+    runs = {m: SetRun(tracking_uri, c.out, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
+                      {"method": c.method, "dataset": c.dataset}, t_start)
+            for m, c in sets.items() if has_work(c, prev[m])}
+    try:
+        with ray_session(address):  # re-raises a UserError from a task or actor as itself
             sampled = {m: _sample_set(c, pool_size, shard_size, gpus_per_actor, overwrite, log)
                        for m, c in sets.items()}
-            evals, eval_secs = _evaluate_sets(cfg, sets, log)
-        except Exception as e:
-            ue = user_error_in(e)
-            if ue is not None:
-                raise ue from None
-            raise
-    return [_track_set(c, sampled[m], evals[m], eval_secs, tracking_uri) for m, c in sets.items()]
+            evals, eval_secs = _evaluate_sets(cfg, sets, prev, log)
+        return [_track_set(c, sampled[m], evals[m], eval_secs, prev[m], runs.pop(m, None)) for m, c in sets.items()]
+    except BaseException as e:
+        for run in runs.values():
+            run.fail(e)
+        raise
 
 
 def _sample_set(c: DistillConfig, pool_size: int | None, shard_size: int | None, gpus_per_actor: float | None,
-                overwrite: bool, log: Callable[[str], None]) -> tuple[float, float]:
-    """Stage 1: the Ray Data pipeline; returns (images/s, seconds)."""
+                overwrite: bool, log: Callable[[str], None]) -> tuple[float, float, int]:
+    """Stage 1: the Ray Data pipeline; returns (images/s, seconds, shards run)."""
     import ray
 
     from raydistill.orchestration.pipeline import distill_ray
@@ -122,29 +113,34 @@ def _sample_set(c: DistillConfig, pool_size: int | None, shard_size: int | None,
     secs = time.time() - t0
     log(f"[{c.method}] {len(out.rows)} images ({out.shards_run} shards run, {out.shards_skipped} resumed) "
         f"in {secs:.1f} s")
-    return out.images_per_s, secs
+    return out.images_per_s, secs, out.shards_run
 
 
-def _evaluate_sets(cfg: DistillConfig, sets: dict[str, DistillConfig], log: Callable[[str], None]
-                   ) -> tuple[dict[str, dict], float]:
-    """Stage 2: one Ray task per (set, net), all in flight at once; returns results and seconds."""
+def _evaluate_sets(cfg: DistillConfig, sets: dict[str, DistillConfig], prev: dict[str, dict],
+                   log: Callable[[str], None]) -> tuple[dict[str, dict], float]:
+    """Stage 2: one Ray task per (set, net) not evaluated yet (``prev``), all in flight at once; returns the new
+    results and seconds."""
     import ray
 
+    from raydistill.orchestration.results import missing_evals, needs_coverage
+
     evals: dict[str, dict] = {m: {} for m in sets}
-    if cfg.num_evals == 0:
+    todo = [(m, net) for m, c in sets.items() for net in missing_evals(c, prev[m])]
+    cov_todo = [m for m, c in sets.items() if needs_coverage(c, prev[m])]
+    if not todo and not cov_todo:
         return evals, 0.0
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 1), res.get("GPU", 0)
-    n_tasks = len(sets) * len(cfg.eval_nets)
+    n_tasks = max(1, len(todo))
     task = ray.remote(num_cpus=min(1.0, cpus / n_tasks), num_gpus=min(1.0, gpus / n_tasks) if gpus else 0)(
         _evaluate_task)
-    log(f"evaluating {len(sets)} sets x {cfg.num_evals} nets with preset {cfg.eval_preset!r}")
+    log(f"evaluating {len(todo)} (set, net) pairs x {cfg.num_evals} nets with preset {cfg.eval_preset!r}")
     t0 = time.time()
-    refs = {(m, net): task.remote(c.out, c.to_dict(), net, max(1, int(cpus // n_tasks)))
-            for m, c in sets.items() for net in cfg.eval_nets}
-    if cfg.coverage:
+    refs = {(m, net): task.remote(sets[m].out, sets[m].to_dict(), net, max(1, int(cpus // n_tasks)))
+            for m, net in todo}
+    if cov_todo:
         cov = ray.remote(num_cpus=min(1.0, cpus / n_tasks))(_coverage_task)
-        refs.update({(m, "coverage"): cov.remote(c.out, c.to_dict()) for m, c in sets.items()})
+        refs.update({(m, "coverage"): cov.remote(sets[m].out, sets[m].to_dict()) for m in cov_todo})
     for (m, net), ref in refs.items():
         evals[m][net] = ray.get(ref)
     return evals, time.time() - t0
@@ -159,28 +155,24 @@ def _coverage_task(out: str, cfg_dict: dict) -> dict:
     return coverage_of_set(DistillConfig.from_dict(cfg_dict), out)
 
 
-def _track_set(c: DistillConfig, sampled: tuple[float, float], evals: dict, eval_secs: float,
-               tracking_uri: str) -> SetReport:
-    """Stage 3: metrics.json next to the set and one MLflow run with params, metrics and artifacts."""
-    from raydistill.orchestration.tracking import log_artifacts, log_metrics, mlflow_run
+def _track_set(c: DistillConfig, sampled: tuple[float, float, int], evals: dict, eval_secs: float, prev: dict,
+               run) -> SetReport:
+    """Stage 3: finish the set's MLflow run (params, metrics, artifacts), then write metrics.json next to the set;
+    with no run (nothing changed) the set's stored results are reported as they are."""
+    from raydistill.orchestration.results import current_evals, merged, write_results
 
-    rate, sample_secs = sampled
-    metrics = {"images_per_s": rate, "seconds_sample": sample_secs, "seconds_eval": eval_secs}
     evals = dict(evals)
-    cov = evals.pop("coverage", None)
-    if cov is not None:
-        metrics.update({"mode_coverage": cov["mode_coverage"], "mode_distance": cov["mode_distance"]})
-    for net, e in evals.items():
-        key = f"acc_{c.eval_preset}_{net}"
-        metrics.update({f"{key}_mean": e["reported_mean"], f"{key}_std": e["reported_std"]})
-    atomic_write_text(Path(c.out) / "metrics.json",
-                      json.dumps({"metrics": metrics, "evals": evals, "coverage": cov}, indent=1))
-    with mlflow_run(tracking_uri, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
-                    tags={"method": c.method, "dataset": c.dataset}) as run:
-        log_metrics(metrics)
-        log_artifacts([Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet", Path(c.out) / "metrics.json"])
-        run_id = run.info.run_id
-    return SetReport(c.method, c.ipc, c.out, rate, sample_secs, evals, run_id, cov)
+    content = merged(c, prev, sampled, evals, evals.pop("coverage", None), eval_secs)
+    run_id = None
+    if run is not None:
+        text = json.dumps(content, indent=1)
+        run.finish(content["metrics"], [Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet"],
+                   {"metrics.json": text})
+        write_results(c.out, content)
+        run_id = run.run_id
+    return SetReport(c.method, c.ipc, c.out, content["sampling"].get("images_per_s", 0.0),
+                     content["sampling"].get("seconds_sample", 0.0), current_evals(c, content), run_id,
+                     content["coverage"])
 
 
 def format_table(reports: list[SetReport], preset: str) -> str:

@@ -16,9 +16,11 @@ twice, and it never finalizes a set with a shard missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -29,18 +31,31 @@ from raydistill.outputs import DistilledSetWriter, Shard
 
 
 class ShardSampler:
-    """Actor: holds a :class:`raydistill.distill.ShardRunner`; maps a batch of shards to one row per image."""
+    """Actor: holds a :class:`raydistill.distill.ShardRunner`; maps a batch of shards to one row per image.
+
+    A UserError while loading (a truncated checkpoint, a VAE that does not fit) is kept and raised by the first
+    batch: a failed constructor would make Ray Data restart the actor again and again (``max_restarts=-1``), a
+    failed batch ends the dataset with the error, which :func:`raydistill.orchestration.runtime.user_error_in`
+    turns back into the one line.
+    """
 
     def __init__(self, cfg: dict, threads: int | None = None) -> None:
         import torch
 
         from raydistill.distill import ShardRunner
+        from raydistill.errors import UserError
 
         if threads:
             torch.set_num_threads(threads)
-        self.runner = ShardRunner(DistillConfig.from_dict(cfg))
+        self.error: UserError | None = None
+        try:
+            self.runner = ShardRunner(DistillConfig.from_dict(cfg))
+        except UserError as e:
+            self.error = e
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.error is not None:
+            raise self.error
         out: dict[str, list] = {"shard_id": [], "row": [], "png": []}
         for i in range(len(batch["shard_id"])):
             shard = Shard(str(batch["shard_id"][i]), int(batch["class_label"][i]),
@@ -54,6 +69,16 @@ class ShardSampler:
                 "png": np.array(out["png"], dtype=object)}
 
 
+def check_actor_resources(gpus_per_actor: float, cpus_per_actor: float) -> None:
+    """UserError unless the per-actor resources are finite numbers a Ray actor may ask for."""
+    from raydistill.errors import UserError
+
+    for flag, v, low in (("--gpus-per-actor", gpus_per_actor, 0.0), ("cpus per actor", cpus_per_actor, 1e-4)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low):
+            raise UserError(f"{flag} must be a finite number >= {low:g}, got {v}",
+                            "pass e.g. --gpus-per-actor 1 (a whole GPU), 0.5 (two actors per GPU) or 0 (CPU)")
+
+
 def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None = None, gpus_per_actor: float = 0.0,
                 cpus_per_actor: float = 0.5, threads_per_actor: int | None = None, overwrite: bool = False,
                 progress: Callable[[str], None] | None = None) -> DistillResult:
@@ -65,12 +90,13 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
 
     from raydistill.distill import open_dataset
 
+    check_actor_resources(gpus_per_actor, cpus_per_actor)
     ds_meta = open_dataset(cfg)
     labels = selected_labels(cfg, ds_meta)
     writer = DistilledSetWriter(cfg.out, ds_meta.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)
     shards = plan_shards(cfg, labels, shard_size)
     todo = [s for s in shards if not writer.shard_done(s.shard_id)]
-    t0, made, committed = time.time(), 0, len(shards) - len(todo)
+    t0, made = time.time(), 0
     if todo:
         items = [{**asdict(s), "indices": np.array(s.indices), "seeds": np.array(s.seeds, dtype=np.int64)}
                  for s in todo]
@@ -79,27 +105,45 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
         mapped = data.map_batches(ShardSampler, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads},
                                   compute=ray.data.ActorPoolStrategy(size=pool_size), batch_size=1,
                                   num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
-        expected = {s.shard_id: len(s.indices) for s in todo}
-        pending: dict[str, dict[int, tuple[dict, bytes]]] = {}  # shard -> image index -> (row, png)
-        for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
-            for sid, row, png in zip(batch["shard_id"], batch["row"], batch["png"]):
-                sid, r = str(sid), json.loads(row)
-                if sid not in expected:  # a retried shard's second copy after its commit
-                    continue
-                pending.setdefault(sid, {})[int(r["index"])] = (r, bytes(png))
-                if len(pending[sid]) == expected[sid]:
-                    by_index = pending.pop(sid)
-                    got = [by_index[k] for k in sorted(by_index)]
-                    del expected[sid]
-                    writer.commit(sid, [r for r, _ in got], [p for _, p in got])
-                    made += len(got)
-                    committed += 1
-                    if progress:
-                        progress(f"shard {committed}/{len(shards)} committed: "
-                                 f"{made / (time.time() - t0):.2f} images/s")
-        if expected:  # never expected: Ray Data raises when a shard fails for good
-            raise RuntimeError(f"the pipeline ended without shards {sorted(expected)[:5]}; rerun to resume")
+        # closing the iteration on any error (a full disk in commit, Ctrl-C) stops Ray Data's executor here, before
+        # ray_session shuts Ray down: left running, its threads met a core worker already shut down (issue 25)
+        with contextlib.closing(iter(mapped.iter_batches(batch_size=None, batch_format="numpy"))) as batches:
+            made = _commit_arrivals(batches, writer, todo, len(shards), t0, progress)
     rows = writer.finalize()
     secs = time.time() - t0
     write_grid(cfg.out, ds_meta)
     return DistillResult(writer.out, rows, secs, made / secs if made else 0.0, len(todo), len(shards) - len(todo))
+
+
+def _commit_arrivals(batches: Iterator[dict], writer: DistilledSetWriter, todo: list[Shard], n_shards: int,
+                     t0: float, progress: Callable[[str], None] | None) -> int:
+    """Commit each shard of ``todo`` once all its images arrived; returns the images made.
+
+    A shard that arrives again after its commit (its task was retried on a restarted actor) is ignored, and said so
+    in one progress line."""
+    expected = {s.shard_id: len(s.indices) for s in todo}
+    pending: dict[str, dict[int, tuple[dict, bytes]]] = {}  # shard -> image index -> (row, png)
+    retried: set[str] = set()
+    made, committed = 0, n_shards - len(todo)
+    for batch in batches:
+        for sid, row, png in zip(batch["shard_id"], batch["row"], batch["png"]):
+            sid, r = str(sid), json.loads(row)
+            if sid not in expected:  # a retried shard's second copy after its commit
+                if progress and sid not in retried:
+                    progress(f"shard {sid} arrived again from a retried task (a sampler actor was restarted); "
+                             "its committed copy is kept")
+                retried.add(sid)
+                continue
+            pending.setdefault(sid, {})[int(r["index"])] = (r, bytes(png))
+            if len(pending[sid]) == expected[sid]:
+                by_index = pending.pop(sid)
+                got = [by_index[k] for k in sorted(by_index)]
+                del expected[sid]
+                writer.commit(sid, [r for r, _ in got], [p for _, p in got])
+                made += len(got)
+                committed += 1
+                if progress:
+                    progress(f"shard {committed}/{n_shards} committed: {made / (time.time() - t0):.2f} images/s")
+    if expected:  # never expected: Ray Data raises when a shard fails for good
+        raise RuntimeError(f"the pipeline ended without shards {sorted(expected)[:5]}; rerun to resume")
+    return made

@@ -1,23 +1,98 @@
 """MLflow tracking: one run per distillation with every parameter, the metrics and the artifacts.
 
 The default store is sqlite at an absolute path under the output root (a relative URI would give every Ray worker
-or Tune trial its own database; stack-notes). ``--tracking-uri`` points at a server instead.
+or Tune trial its own database; stack-notes). ``--tracking-uri`` points at a server instead; its scheme is checked
+before anything runs (:func:`check_tracking_uri`).
+
+A set's run (:class:`SetRun`) starts when the job starts working on the set, so its duration is the real one, and is
+tagged with the set's folder (``raydistill.set``, ``raydistill.set_id``). A driver killed meanwhile leaves it
+RUNNING; the next run of the same set marks it KILLED with a ``raydistill.note`` naming its successor. A driver that
+stops on an error marks its runs FAILED with the error as the note.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
+from raydistill.errors import UserError
+
 EXPERIMENT = "raydistill"
+SET_TAG, SET_ID_TAG, NOTE_TAG = "raydistill.set", "raydistill.set_id", "raydistill.note"
 
 
-def default_tracking_uri(root: str | Path) -> str:
+def default_tracking_uri(root: str | Path, create: bool = True) -> str:
+    """``sqlite:///<root>/mlflow.db``; ``create`` makes ``root`` (reading commands pass False and write nothing)."""
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """UserError unless MLflow has a store for ``uri``'s scheme (and a sqlite file's folder exists). Writes nothing."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    fix = "pass --tracking-uri sqlite:///ABS/PATH/mlflow.db or http(s)://HOST:PORT, or leave it out"
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        raise UserError(f"MLflow cannot store runs at --tracking-uri {uri!r} (unknown scheme)", fix) from None
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
+        raise UserError(f"the folder of the MLflow database {uri!r} does not exist", fix)
+
+
+def set_id(out: str | Path) -> str:
+    """A set's identity in MLflow: a hash of its absolute folder (a tag value safe in filter strings)."""
+    return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+
+
+class SetRun:
+    """The MLflow run of one set in one job: created RUNNING at ``start_s``, ended FINISHED, FAILED or KILLED."""
+
+    def __init__(self, tracking_uri: str, out: str | Path, run_name: str, params: dict[str, str],
+                 tags: dict[str, str], start_s: float) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        _quiet()
+        exp = set_experiment(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        sid = set_id(out)
+        stale = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`{SET_ID_TAG}` = '{sid}' and "
+                                        "attributes.status = 'RUNNING'")
+        run = self.client.create_run(exp.experiment_id, start_time=int(start_s * 1000), run_name=run_name,
+                                     tags={**tags, SET_TAG: str(Path(out).resolve()), SET_ID_TAG: sid})
+        self.run_id = run.info.run_id
+        for r in stale:  # a driver killed while it ran this set
+            self.client.set_tag(r.info.run_id, NOTE_TAG, f"its driver ended without finishing it (killed?); "
+                                f"superseded by run {self.run_id}")
+            self.client.set_terminated(r.info.run_id, "KILLED")
+        params = [Param(k, v if len(v) <= 6000 else v[:6000]) for k, v in params.items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def finish(self, metrics: dict[str, float], artifacts: list[Path], texts: dict[str, str]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        clean = {k.replace("+", "_").replace("/", "_"): float(v) for k, v in metrics.items() if v is not None}
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()])
+        for p in artifacts:
+            if p.exists():
+                self.client.log_artifact(self.run_id, str(p))
+        for name, text in texts.items():
+            self.client.log_text(self.run_id, text, name)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        self.client.set_tag(self.run_id, NOTE_TAG, (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                            [:500])
+        self.client.set_terminated(self.run_id, status)
 
 
 def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):
@@ -46,33 +121,3 @@ def _quiet() -> None:
 
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def mlflow_run(tracking_uri: str, run_name: str, params: dict[str, str], experiment: str = EXPERIMENT,
-               tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[object]:
-    """Start (and end) an MLflow run with ``params`` logged; yields the active run."""
-    import mlflow
-
-    _quiet()  # after the import: mlflow configures its loggers when imported
-    set_experiment(tracking_uri, experiment)
-    with mlflow.start_run(run_name=run_name, nested=nested, tags=tags or {}) as run:
-        mlflow.log_params({k: (v if len(v) <= 6000 else v[:6000]) for k, v in params.items()})
-        yield run
-
-
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    clean = {k.replace("+", "_").replace("/", "_"): float(v) for k, v in metrics.items() if v is not None}
-    if clean:
-        mlflow.log_metrics(clean, step=step)
-
-
-def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
-    import mlflow
-
-    for p in paths:
-        p = Path(p)
-        if p.exists():
-            mlflow.log_artifact(str(p), artifact_path=artifact_path)

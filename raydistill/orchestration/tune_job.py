@@ -264,7 +264,7 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
     errors = [r.error for r in grid if r.error is not None]
     if rows and len(errors) == len(rows):  # nothing ran: say why once instead of printing an empty table
         from raydistill.errors import UserError
-        from raydistill.orchestration.distill_job import user_error_in
+        from raydistill.orchestration.runtime import user_error_in
 
         ue = user_error_in(errors[0])
         first = ue.problem if ue is not None else str(errors[0]).strip().splitlines()[-1]

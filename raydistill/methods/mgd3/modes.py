@@ -91,7 +91,8 @@ def codec_identity(codec) -> str:
 class ModeCache:
     """Modes on disk: one safetensors file per (dataset, class label, k, VAE identity, seed, method, snap).
 
-    The file name is a sha256 of those fields; the fields are also stored in the file's metadata. Writes are atomic
+    The file name is a sha256 of those fields; the fields are also stored in the file's metadata (one sorted JSON
+    string, so the same modes give the same bytes in every process). Writes are atomic
     (temporary file in the same folder, then ``os.replace``), so concurrent workers computing the same modes are
     harmless: the last rename wins and every reader sees a complete file. ``computed`` counts the computations done
     by this instance (for tests and logs).
@@ -106,6 +107,12 @@ class ModeCache:
                snap: bool = False) -> dict[str, str]:
         return {"dataset": str(dataset), "label": str(int(label)), "k": str(int(k)), "vae": str(vae),
                 "seed": str(int(seed)), "method": str(method), "snap": str(bool(snap))}
+
+    @classmethod
+    def _metadata(cls, *args) -> dict[str, str]:
+        """The fields as one sorted JSON string: safetensors writes a metadata map in hash order, which differs
+        from process to process, so several keys would make the same modes' file bytes irreproducible."""
+        return {"fields": json.dumps(cls.fields(*args), sort_keys=True)}
 
     def path(self, dataset: str, label: int, k: int, vae: str, seed: int = 0, method: str = "kmeans",
              snap: bool = False) -> Path:
@@ -123,7 +130,7 @@ class ModeCache:
             return None
         try:
             with safe_open(str(p), framework="pt") as fh:
-                if fh.metadata() != self.fields(dataset, label, k, vae, seed, method, snap):
+                if fh.metadata() != self._metadata(dataset, label, k, vae, seed, method, snap):
                     return None
                 modes = fh.get_tensor("modes")
         except Exception:  # noqa: BLE001 - a truncated/foreign file is a cache miss, not an error
@@ -140,7 +147,7 @@ class ModeCache:
         os.close(fd)
         try:
             save_file({"modes": modes.detach().cpu().float().contiguous()}, tmp,
-                      metadata=self.fields(dataset, label, k, vae, seed, method, snap))
+                      metadata=self._metadata(dataset, label, k, vae, seed, method, snap))
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
