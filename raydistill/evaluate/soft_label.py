@@ -52,6 +52,7 @@ __all__ = [
     "SoftEvalResult",
     "evaluate_soft",
     "half_cosine_factor",
+    "make_optimizer",
     "param_groups",
     "rded_augment",
     "rded_batch_size",
@@ -116,6 +117,14 @@ def param_groups(model: nn.Module, matrices_only: bool, weight_decay: float) -> 
     ids = {id(p) for p in decay}
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": [p for p in params if id(p) not in ids], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, preset: EvalPreset, epochs: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """RDED's AdamW over :func:`param_groups` and its per-epoch ``LambdaLR`` with :func:`half_cosine_factor`."""
+    opt = torch.optim.AdamW(param_groups(model, preset.decay_matrices_only, preset.weight_decay), lr=preset.lr,
+                            betas=preset.betas, weight_decay=preset.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: half_cosine_factor(e, epochs))
 
 
 def report_epochs(epochs: int, every: int, report_from: float) -> list[int]:
@@ -229,9 +238,7 @@ def train_student(
 ) -> tuple[float, float]:
     """Train ``student`` on ``x`` ([0, 1] images, already at ``size`` unless ``preset.augment == "rded"``) against
     ``teacher``'s soft labels; returns (last, best) test accuracy over the epochs ``test_at``."""
-    opt = torch.optim.AdamW(param_groups(student, preset.decay_matrices_only, preset.weight_decay), lr=preset.lr,
-                            betas=preset.betas, weight_decay=preset.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: half_cosine_factor(e, epochs))
+    opt, sched = make_optimizer(student, preset, epochs)
     labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CutMix's label bookkeeping only
     accs: list[float] = []
     n = x.shape[0]
@@ -340,7 +347,8 @@ def evaluate_soft(
         path = p.teacher or (BUILTIN_TEACHER if name == "fashion-mnist" else None)
         if path is None:
             raise UserError(f"the {p.name} preset needs a teacher for dataset {name or '(tensors)'}",
-                            "pass --teacher PATH: a net trained on the full training set (`raydistill teacher`)")
+                            "pass a teacher (--teacher PATH, or the preset's teacher=PATH) trained on the full "
+                            "training set (`raydistill teacher --out PATH`)")
         teacher = load_teacher(path, channels, size, net=p.teacher_net or net, mean=mean_l, std=std_l, device=dev)
     if dataset is not None and teacher.meta and teacher.meta.get("classes") != list(dataset.class_names):
         raise UserError(f"teacher {teacher.path} was trained on {teacher.meta.get('dataset')} with other classes "
