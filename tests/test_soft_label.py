@@ -310,3 +310,32 @@ def test_score_from_tracked_mlflow_runs(tmp_path) -> None:
     assert rec[("fashion-mnist", 10, "dit", "rded", "convnet")] == [81.0] * 3
     (dit,) = [r for r in score_table(rec, 93.0) if r["method"] == "dit"]
     assert (dit["scores"].hlr, dit["scores"].ior) == (23.0, 4.0)
+
+
+def test_imagenet_subset_with_a_torchvision_1k_teacher(tmp_path) -> None:
+    """ImageNet defaults on a tiny real ImageNet-layout folder: factor 2, RDED's test view, a 1000-class torchvision
+    ResNet-18 teacher (a plain ``.pth`` state dict) mapped to the subset through its ImageNet-1K indices."""
+    from PIL import Image
+    from torchvision.models import resnet18
+
+    from raydistill.data.imagenet import ImageNetSubset
+    from raydistill.data.subsets import subset_classes
+    from raydistill.evaluate.soft_label import teacher_columns
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 2), ("val", 1)):
+        for wnid in subset_classes("imagenette"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for k in range(n):
+                arr = (torch.rand(60, 60, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(arr).save(tmp_path / split / wnid / f"{k}.png")
+    ds = ImageNetSubset(tmp_path, "imagenette", image_size=56)
+    pth = tmp_path / "resnet18-1k.pth"
+    torch.save(resnet18(weights=None, num_classes=1000).state_dict(), pth)
+    assert teacher_columns(1000, 10, ds, list(range(10))) == ds.dit_labels
+    x, y = ds.load("train")
+    p = get_preset("rded", teacher=str(pth), teacher_net="torchvision-resnet18")
+    r = evaluate_images(x, y, ds, p, "convnet", 1, epochs=2, device="cpu")
+    assert (r.patch_factor, r.batch_size, r.net, r.teacher_net) == (2, 50, "convnet4", "torchvision-resnet18")
+    assert r.teacher_sha256 == file_sha256(pth) and r.teacher_recorded_test_acc is None
+    assert 0.0 <= r.teacher_test_acc <= 100.0 and 0.0 <= r.reported_mean <= 100.0
