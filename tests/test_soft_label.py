@@ -27,6 +27,7 @@ from raydistill.evaluate.soft_label import (
     half_cosine_factor,
     make_optimizer,
     param_groups,
+    prepare_teacher,
     rded_augment,
     rded_batch_size,
     report_epochs,
@@ -220,13 +221,18 @@ def test_digits_without_a_teacher_is_one_cli_line(tmp_path, capsys) -> None:
     assert len(err) == 1 and "needs a teacher for dataset digits" in err[0] and "--teacher" in err[0]
 
 
-def test_teacher_file_records_identity_and_accuracy(teacher_path) -> None:
+def test_teacher_file_records_identity_and_accuracy(digits, teacher_path) -> None:
     t = load_teacher(teacher_path, 1, 8, mean=[0.2861], std=[0.3530])
     assert t.net == "convnet3" and t.num_classes == 10 and t.meta["dataset"] == "digits"
     assert t.sha256 == file_sha256(teacher_path) and len(t.sha256) == 64
     assert t.meta["train_images"] == 1500 and t.meta["epochs"] == 6 and 40.0 < t.meta["test_accuracy"] <= 100.0
     assert not any(p.requires_grad for p in t.module.parameters()) and not t.module.training
     assert main(["teacher", "--dataset", "digits", "--epochs", "1", "--out", str(teacher_path)]) == 2  # no overwrite
+    p = get_preset("rded", teacher=str(teacher_path))
+    assert prepare_teacher(p, "convnet", 1, 8, 10, digits, list(range(10)))[1] is None  # all outputs, in order
+    assert prepare_teacher(p, "convnet", 1, 8, 2, digits, [3, 5])[1] == [3, 5]  # a class subset: its columns
+    with pytest.raises(UserError, match="unknown evaluation net"):
+        prepare_teacher(p, "vgg", 1, 8, 10, digits, list(range(10)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ __all__ = [
     "half_cosine_factor",
     "make_optimizer",
     "param_groups",
+    "prepare_teacher",
     "rded_augment",
     "rded_batch_size",
     "report_epochs",
@@ -288,6 +289,29 @@ def _new_student(net: str, channels: int, num_classes: int, size: int, seed: int
     return model.to(device)
 
 
+def prepare_teacher(preset: EvalPreset, net: str, channels: int, size: int, num_classes: int, dataset: Any = None,
+                    classes: Sequence[int] | None = None, device: str | torch.device = "cpu",
+                    teacher: Teacher | None = None) -> tuple[Teacher, list[int] | None]:
+    """Load and check the teacher of a soft preset for a student ``net`` on ``num_classes`` classes of ``channels``-
+    channel ``size`` px images: the checkpoint (the preset's, else the built-in one for Fashion-MNIST), its dataset,
+    classes and normalisation, and which of its outputs are the student's classes. Reads only; use it as the
+    preflight of a job (it raises the same one-line errors the evaluation would)."""
+    build_teacher_net(net, channels, num_classes, size)  # a bad student name fails before the teacher is read
+    name = getattr(dataset, "name", None)
+    if teacher is None:
+        path = preset.teacher or (BUILTIN_TEACHER if name == "fashion-mnist" else None)
+        if path is None:
+            raise UserError(f"the {preset.name} preset needs a teacher for dataset {name or '(tensors)'}",
+                            "pass a teacher (--teacher PATH, or the preset's teacher=PATH) trained on the full "
+                            "training set (`raydistill teacher --out PATH`)")
+        mean, std = channel_stats(preset.mean, preset.std, channels)
+        teacher = load_teacher(path, channels, size, net=preset.teacher_net or net, mean=mean, std=std, device=device)
+    if dataset is not None and teacher.meta and teacher.meta.get("classes") != list(dataset.class_names):
+        raise UserError(f"teacher {teacher.path} was trained on {teacher.meta.get('dataset')} with other classes "
+                        f"than {dataset.name}", "use a teacher trained on this dataset (`raydistill teacher`)")
+    return teacher, teacher_columns(teacher.num_classes, num_classes, dataset, classes)
+
+
 def evaluate_soft(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -342,18 +366,8 @@ def evaluate_soft(
     name = getattr(dataset, "name", None)
     factor = resolve_patch_factor(p, name)
     mean_l, std_l = channel_stats(p.mean, p.std, channels)
-    build_teacher_net(net, channels, num_classes, size)  # a bad student name fails before the teacher is read
-    if teacher is None:
-        path = p.teacher or (BUILTIN_TEACHER if name == "fashion-mnist" else None)
-        if path is None:
-            raise UserError(f"the {p.name} preset needs a teacher for dataset {name or '(tensors)'}",
-                            "pass a teacher (--teacher PATH, or the preset's teacher=PATH) trained on the full "
-                            "training set (`raydistill teacher --out PATH`)")
-        teacher = load_teacher(path, channels, size, net=p.teacher_net or net, mean=mean_l, std=std_l, device=dev)
-    if dataset is not None and teacher.meta and teacher.meta.get("classes") != list(dataset.class_names):
-        raise UserError(f"teacher {teacher.path} was trained on {teacher.meta.get('dataset')} with other classes "
-                        f"than {dataset.name}", "use a teacher trained on this dataset (`raydistill teacher`)")
-    view = _TeacherView(teacher.module.to(dev), teacher_columns(teacher.num_classes, num_classes, dataset, classes))
+    teacher, columns = prepare_teacher(p, net, channels, size, num_classes, dataset, classes, dev, teacher)
+    view = _TeacherView(teacher.module.to(dev), columns)
 
     mean = torch.tensor(mean_l, device=dev).view(1, channels, 1, 1)
     std = torch.tensor(std_l, device=dev).view(1, channels, 1, 1)
