@@ -242,8 +242,8 @@ def test_teacher_file_records_identity_and_accuracy(digits, teacher_path) -> Non
 def test_short_rded_run_beats_chance_and_reports_the_teacher(digits, teacher_path) -> None:
     x, y = digits.load("train", limit=10)
     lines: list[str] = []
-    p = get_preset("rded", teacher=str(teacher_path))
-    r = evaluate_images(x, y, digits, p, "convnet", 1, epochs=40, device="cpu", progress=lines.append)
+    r = evaluate_images(x, y, digits, "rded", "convnet", 1, epochs=40, device="cpu", progress=lines.append,
+                        teacher=str(teacher_path))
     assert r.labels == "soft" and r.batch_size == 50 and r.patch_factor == 1 and r.epochs == 40
     assert r.reported_mean == r.best_mean > 20.0  # chance is 10%
     assert r.teacher == str(teacher_path) and r.teacher_sha256 == file_sha256(teacher_path)
