@@ -1,7 +1,8 @@
 """Evaluation of synthetic sets: train fresh nets on them under a published protocol and test on real data.
 
-Plain torch (no Ray, no MLflow). Presets (``dc``, ``dsa``, ``idc``, ``igd``) are data in :mod:`.presets`; batched
-augmentation is in :mod:`.augment`; the training loop is in :mod:`.train`.
+Plain torch (no Ray, no MLflow). Presets (``dc``, ``dsa``, ``idc``, ``igd``, ``rded``) are data in :mod:`.presets`;
+batched augmentation is in :mod:`.augment`; the hard-label training loop is in :mod:`.train`, the soft-label (RDED)
+one in :mod:`.soft_label` with its teacher in :mod:`.teacher`; DD-Ranking's scores are in :mod:`.scores`.
 """
 
 from raydistill.evaluate.presets import EvalPreset, get_preset, ipc_epoch
