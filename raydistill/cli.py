@@ -353,7 +353,8 @@ def cmd_teacher(a: argparse.Namespace) -> int:
 
     ds = load_dataset(a.dataset, a.data_root, image_size=a.image_size)
     if a.out is None and (ds.name != "fashion-mnist" or a.image_size is not None):
-        raise UserError(f"no built-in teacher location for {ds.name} at this size", "pass --out PATH.safetensors")
+        raise UserError(f"no default --out for a {ds.name} teacher at this size (only Fashion-MNIST at 28 px has one)",
+                        "pass --out PATH.safetensors")
     out = Path(a.out) if a.out else BUILTIN_TEACHER
     if out.exists() and not a.overwrite:
         raise UserError(f"{out} exists", "pass --overwrite to replace it, or another --out")
@@ -370,7 +371,7 @@ def _add_teacher_parser(sub) -> None:
     t.add_argument("--data-root")
     t.add_argument("--image-size", type=_positive_int)
     t.add_argument("--net", default="convnet", help="evaluation net (default convnet: ConvNet-3 at 28 px)")
-    t.add_argument("--epochs", type=_positive_int, default=20)
+    t.add_argument("--epochs", type=_positive_int, default=20, help="default 20 (cosine LR to 0 over them)")
     t.add_argument("--batch-size", type=_positive_int, default=256)
     t.add_argument("--lr", type=float, default=0.01)
     t.add_argument("--seed", type=int, default=0)
