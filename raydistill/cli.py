@@ -273,6 +273,78 @@ def cmd_pretrain(a: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_teacher(a: argparse.Namespace) -> int:
+    """Train the soft-label teacher on a dataset's full training split (``raydistill.evaluate.teacher``)."""
+    from pathlib import Path
+
+    from raydistill.data import load_dataset
+    from raydistill.evaluate.teacher import BUILTIN_TEACHER, train_teacher
+
+    ds = load_dataset(a.dataset, a.data_root, image_size=a.image_size)
+    if a.out is None and (ds.name != "fashion-mnist" or a.image_size is not None):
+        raise UserError(f"no default --out for a {ds.name} teacher at this size (only Fashion-MNIST at 28 px has one)",
+                        "pass --out PATH.safetensors")
+    out = Path(a.out) if a.out else BUILTIN_TEACHER
+    if out.exists() and not a.overwrite:
+        raise UserError(f"{out} exists", "pass --overwrite to replace it, or another --out")
+    meta = train_teacher(ds, out, net=a.net, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                         device=a.device, progress=_log)
+    print(f"teacher {meta['net']} on {ds.name} ({meta['train_images']} images, {meta['epochs']} epochs): "
+          f"{meta['test_accuracy']:.2f}% test accuracy -> {out}")
+    return 0
+
+
+def _add_teacher_parser(sub) -> None:
+    t = sub.add_parser("teacher", help="train the soft-label (rded) teacher on the full training split")
+    t.add_argument("--dataset", default="fashion-mnist")
+    t.add_argument("--data-root")
+    t.add_argument("--image-size", type=_positive_int)
+    t.add_argument("--net", default="convnet", help="evaluation net (default convnet: ConvNet-3 at 28 px)")
+    t.add_argument("--epochs", type=_positive_int, default=20, help="default 20 (cosine LR to 0 over them)")
+    t.add_argument("--batch-size", type=_positive_int, default=256)
+    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    t.add_argument("--out", help="PATH.safetensors (default for Fashion-MNIST: the built-in teacher's place)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    """DD-Ranking's HLR, IOR, LRS and ARS per method from result files or the tracked MLflow runs."""
+    from raydistill.evaluate.scores import format_scores, records_from_results, score_table
+
+    if a.results:
+        records = records_from_results(a.results)
+    else:
+        from raydistill.orchestration.score_runs import records_from_mlflow
+        from raydistill.orchestration.tracking import default_tracking_uri
+
+        records = records_from_mlflow(a.tracking_uri or default_tracking_uri(a.root))
+    rows = [r for r in score_table(records, a.real_hard, a.hard_preset, a.soft_preset, a.aug_preset,
+                                   a.noaug_preset, a.net, a.lam)
+            if (a.dataset is None or r["dataset"] == a.dataset) and (a.ipc is None or r["ipc"] == a.ipc)]
+    if not rows:
+        raise UserError(f"no accuracies of net {a.net} match the filters", "loosen --dataset/--ipc or check --net")
+    print(format_scores(rows, a.real_hard, a.hard_preset, a.soft_preset, a.aug_preset, a.noaug_preset))
+    return 0
+
+
+def _add_score_parser(sub) -> None:
+    s = sub.add_parser("score", help="DD-Ranking scores (HLR, IOR, LRS, ARS) of every method from its runs")
+    s.add_argument("results", nargs="*", help="benchmarks/quality.py result files (default: the MLflow runs)")
+    s.add_argument("--root", default="runs", help="output root holding mlflow.db (default ./runs)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")
+    s.add_argument("--real-hard", type=float, help="hard-label accuracy (%%) of the whole real training set")
+    s.add_argument("--hard-preset", default="dc", help="hard-label preset of HLR (default dc)")
+    s.add_argument("--soft-preset", default="rded", help="soft-label preset of IOR (default rded)")
+    s.add_argument("--aug-preset", default="dsa", help="ARS: the preset with augmentation (default dsa)")
+    s.add_argument("--noaug-preset", default="dc", help="ARS: the preset without it (default dc)")
+    s.add_argument("--net", default="convnet")
+    s.add_argument("--lam", type=float, default=0.5, help="DD-Ranking's weight lambda (default 0.5)")
+    s.add_argument("--dataset")
+    s.add_argument("--ipc", type=_positive_int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="raydistill", description="Diffusion-based dataset distillation on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -378,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--root", default="runs", help="holds mlflow.db (default ./runs)")
     f.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")
     sub.add_parser("pretrain", help="pretrain the built-in Fashion-MNIST VAE + DiT (see --help)", add_help=False)
+    _add_teacher_parser(sub)
+    _add_score_parser(sub)
     return ap
 
 
@@ -388,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pretrain(argparse.Namespace(), argv[1:])
         a = build_parser().parse_args(argv)
         commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "surrogate": cmd_surrogate, "modes": cmd_modes,
-                    "finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare}
+                    "finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare, "teacher": cmd_teacher,
+                    "score": cmd_score}
         return commands[a.command](a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)

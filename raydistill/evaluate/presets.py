@@ -11,6 +11,10 @@
   224 px, ImageNet mean/std, test every E//100 epochs, the BEST test accuracy is reported.
 - ``igd`` : IGD's released ``train.py`` variant of ``idc``: AdamW lr 1e-3, betas (0.9, 0.999), wd 0.01, 256 px,
   mean = std = 0.5; same schedule, augmentation and report rule.
+- ``rded``: RDED's soft-label protocol (benchmarks.md section 4, methods.md section 0.5), run by
+  :mod:`raydistill.evaluate.soft_label`: a teacher's soft labels on every augmented + CutMixed batch, KL with T = 20,
+  AdamW 1e-3 / (0.9, 0.999) / wd 0.01 on >= 2-dim weights, half-cosine LR factor per epoch, E = 300, batch by IPC,
+  ShufflePatches + RandomResizedCrop + flip, best top-1 of the tests every 10 epochs over the last 20% of epochs.
 
 Override fields with ``dataclasses.replace(get_preset("dc"), epochs=5)`` for quick runs.
 """
@@ -71,6 +75,16 @@ class EvalPreset:
         std: per-channel normalisation std.
         report: "last" (accuracy after the final epoch) or "best" (max over the evaluated epochs).
         eval_every: test every this many epochs; 0 = only after training; ``None`` = IDC rule max(1, E // 100).
+        labels: "hard" (cross-entropy on the set's labels, :mod:`.train`) or "soft" (teacher KL, :mod:`.soft_label`).
+        temperature: soft: the KL temperature T (no T^2 factor).
+        patch_factor: soft: ShufflePatches factor and RandomResizedCrop scale (1/factor, 1); ``None`` = 2 on ImageNet
+            sets, 1 elsewhere (RDED's scripts; DD-Ranking's configs use 1).
+        teacher: soft: teacher checkpoint; ``None`` = the built-in teacher (Fashion-MNIST only).
+        teacher_net: soft: architecture of a checkpoint without raydistill metadata; ``None`` = the student's.
+        report_from: tests count only after epoch ``report_from * E`` (RDED: 0.8, i.e. the last 20%).
+        decay_matrices_only: weight decay only on >= 2-dim weights (RDED's ``get_parameters``; DD-Ranking: all).
+        ``batch_size=None`` means by IPC (RDED) and empty ``mean``/``std`` mean by channels (ImageNet's for RGB,
+        Fashion-MNIST's for grey); both are used by soft presets only.
     """
 
     name: str
@@ -79,7 +93,7 @@ class EvalPreset:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 5e-4
-    batch_size: int = 256
+    batch_size: int | None = 256
     epochs: int | None = 300
     schedule: str = "dc_step"
     lr_decay: float = 0.1
@@ -97,19 +111,34 @@ class EvalPreset:
     std: tuple[float, ...] = FMNIST_STD
     report: str = "last"
     eval_every: int | None = 0
+    labels: str = "hard"
+    temperature: float = 20.0
+    patch_factor: int | None = None
+    teacher: str | None = None
+    teacher_net: str | None = None
+    report_from: float = 0.0
+    decay_matrices_only: bool = False
 
     def __post_init__(self) -> None:
         checks = [
             (self.optimizer in ("sgd", "adamw"), f"optimizer {self.optimizer!r}", "use 'sgd' or 'adamw'"),
-            (self.schedule in ("dc_step", "multistep"), f"schedule {self.schedule!r}", "use 'dc_step' or 'multistep'"),
-            (self.augment in ("none", "dsa", "idc"), f"augment {self.augment!r}", "use 'none', 'dsa' or 'idc'"),
+            (self.schedule in ("dc_step", "multistep", "half_cosine"), f"schedule {self.schedule!r}",
+             "use 'dc_step', 'multistep' or 'half_cosine'"),
+            (self.augment in ("none", "dsa", "idc", "rded"), f"augment {self.augment!r}",
+             "use 'none', 'dsa', 'idc' or 'rded'"),
             (self.report in ("last", "best"), f"report {self.report!r}", "use 'last' or 'best'"),
             (self.lr > 0, f"lr {self.lr}", "use a positive learning rate"),
-            (self.batch_size >= 1, f"batch_size {self.batch_size}", "use a positive batch size"),
+            (self.batch_size is None or self.batch_size >= 1, f"batch_size {self.batch_size}", "use a positive one"),
             (self.epochs is None or self.epochs >= 1, f"epochs {self.epochs}", "use epochs >= 1 (or None: by IPC)"),
             (self.eval_every is None or self.eval_every >= 0, f"eval_every {self.eval_every}", "use >= 0 or None"),
             (self.cutmix_beta == 1.0, f"cutmix_beta {self.cutmix_beta}", "only Beta(1, 1) CutMix is supported"),
             (len(self.mean) == len(self.std), "mean/std lengths differ", "give one std per mean"),
+            (self.labels in ("hard", "soft"), f"labels {self.labels!r}", "use 'hard' or 'soft'"),
+            (self.temperature > 0, f"temperature {self.temperature}", "use a positive temperature"),
+            (self.patch_factor is None or self.patch_factor >= 1, f"patch_factor {self.patch_factor}", "use >= 1"),
+            (0.0 <= self.report_from < 1.0, f"report_from {self.report_from}", "use a fraction in [0, 1)"),
+            (self.labels == "soft" or (self.batch_size is not None and self.mean), "batch by IPC / channel stats",
+             "set batch_size and mean/std for hard-label presets"),
         ]
         for ok, problem, fix in checks:
             if not ok:
@@ -204,12 +233,32 @@ IGD = dataclasses.replace(
     std=(0.5, 0.5, 0.5),
 )
 
-PRESETS: dict[str, EvalPreset] = {p.name: p for p in (DC, DSA, IDC, IGD)}
+RDED = EvalPreset(
+    name="rded",
+    labels="soft",
+    optimizer="adamw",
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    weight_decay=0.01,
+    decay_matrices_only=True,
+    batch_size=None,
+    epochs=300,
+    schedule="half_cosine",
+    augment="rded",
+    cutmix_p=1.0,
+    mean=(),
+    std=(),
+    report="best",
+    eval_every=10,
+    report_from=0.8,
+)
+
+PRESETS: dict[str, EvalPreset] = {p.name: p for p in (DC, DSA, IDC, IGD, RDED)}
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
 def get_preset(name: str | EvalPreset, **overrides: object) -> EvalPreset:
-    """Look up a preset by name ("dc", "dsa", "idc", "igd"); keyword overrides go through ``dataclasses.replace``.
+    """Look up a preset by name (dc, dsa, idc, igd, rded); keyword overrides go through ``dataclasses.replace``.
 
     Passing an :class:`EvalPreset` returns it (with overrides applied). Unknown names raise :class:`UserError`.
     """
