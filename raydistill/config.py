@@ -27,6 +27,7 @@ class DistillConfig:
     classes: tuple[str, ...] | None = None  # class names or indices; None = all
     nclass: int | None = None
     phase: int = 0
+    allow_other_split: bool = False  # ImageNet subsets: accept a tree that is not ImageNet's own (data/split_guard.py)
     # what to make
     method: str = "dit"
     ipc: int = 10
@@ -50,6 +51,8 @@ class DistillConfig:
     # output
     out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>
     extra: dict[str, Any] = field(default_factory=dict)  # method parameters (weights, windows, ...)
+    # a paper cell's published figure (jobs/configs/paper/*.yaml); metadata, logged as MLflow tags (reproduce.py)
+    published: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.ipc, int) or self.ipc <= 0:
@@ -65,6 +68,10 @@ class DistillConfig:
             raise UserError(f"unknown sampler {self.sampler!r}", "use ddpm or ddim")
         if self.cfg_scale < 0:
             raise UserError(f"cfg_scale must be >= 0, got {self.cfg_scale}", "pass --cfg-scale 1 to turn CFG off")
+        if self.published:
+            from raydistill.reproduce import check_published
+
+            check_published(self.published)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +103,8 @@ class DistillConfig:
 
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
-        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage"}
+        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
+                "allow_other_split", "published"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def fingerprint(self) -> str:
@@ -104,9 +112,9 @@ class DistillConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:
-        """Flat string params for MLflow (``extra`` keys prefixed ``extra.``)."""
+        """Flat string params for MLflow (``extra`` keys prefixed ``extra.``; ``published`` goes to tags)."""
         out = {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else str(v))
-               for k, v in self.to_dict().items() if k != "extra"}
+               for k, v in self.to_dict().items() if k not in ("extra", "published")}
         out.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
         return out
 
@@ -122,7 +130,7 @@ def read_config_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{what} file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
-    if not isinstance(data, dict) or not isinstance(data.get("extra", {}), dict):
-        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra: a mapping)",
+    if not isinstance(data, dict) or not all(isinstance(data.get(k) or {}, dict) for k in ("extra", "published")):
+        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra, published: mappings)",
                         "see jobs/configs/*.yaml or a study's best.yaml")
     return data

@@ -112,7 +112,8 @@ def check_method_params(cfg: DistillConfig) -> None:
 
 
 def open_dataset(cfg: DistillConfig) -> ClassDataset:
-    return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase)
+    return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase,
+                        allow_other_split=cfg.allow_other_split)
 
 
 def selected_labels(cfg: DistillConfig, ds: ClassDataset) -> list[int]:

@@ -36,7 +36,8 @@ def set_dir(root: str | Path, cfg: DistillConfig, method: str) -> Path:
 def set_configs(cfg: DistillConfig, root: str | Path) -> dict[str, DistillConfig]:
     """One config per set the main job makes: the method (into ``cfg.out`` when given) and each baseline."""
     methods = [cfg.method] + [b for b in cfg.baselines if b != cfg.method]
-    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)))
+    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)),
+                         published=cfg.published if m == cfg.method else {})  # a paper cell's figure: its method's
             for m in methods}
 
 
@@ -184,17 +185,21 @@ def _track_set(c: DistillConfig, sampled: tuple[float, float], evals: dict, eval
         metrics.update({f"{key}_mean": e["reported_mean"], f"{key}_std": e["reported_std"]})
     atomic_write_text(Path(c.out) / "metrics.json",
                       json.dumps({"metrics": metrics, "evals": evals, "coverage": cov}, indent=1))
+    from raydistill.reproduce import expected_tags
+
     with mlflow_run(tracking_uri, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
-                    tags={"method": c.method, "dataset": c.dataset}) as run:
+                    tags={"method": c.method, "dataset": c.dataset, **expected_tags(c)}) as run:
         log_metrics(metrics)
         log_artifacts([Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet", Path(c.out) / "metrics.json"])
         run_id = run.info.run_id
     return SetReport(c.method, c.ipc, c.out, rate, sample_secs, evals, run_id, cov)
 
 
-def format_table(reports: list[SetReport], preset: str) -> str:
+def format_table(reports: list[SetReport], preset: str, expected: dict | None = None) -> str:
+    """The accuracy table; ``expected`` maps (method, net) to the table cell of its band (``reproduce.judge``)."""
+    expected = expected or {}
     lines = [f"{'method':<10} {'IPC':>4} {'network':<10} {'accuracy (' + preset + ')':>20} {'images/s':>9} "
-             f"{'coverage':>8} {'distance':>8}"]
+             f"{'coverage':>8} {'distance':>8}" + ("  expected" if expected else "")]
     for r in reports:
         rate = "real" if r.method in ("random", "herding") else f"{r.images_per_s:.2f}"
         cov = (f"{r.coverage['mode_coverage']:>8.2f} {r.coverage['mode_distance']:>8.2f}" if r.coverage
@@ -203,5 +208,6 @@ def format_table(reports: list[SetReport], preset: str) -> str:
             lines.append(f"{r.method:<10} {r.ipc:>4} {'-':<10} {'-':>20} {rate:>9} {cov}")
         for net, e in r.evals.items():
             acc = f"{e['reported_mean']:.2f} +- {e['reported_std']:.2f} (n={e['num_nets']})"
-            lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9} {cov}")
+            band = f"  {expected[r.method, net]}" if (r.method, net) in expected else ""
+            lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9} {cov}{band}")
     return "\n".join(lines)
