@@ -43,7 +43,7 @@ IGNORED_EXTRA = ("igd_cache", "modes_cache")  # where caches live, not what is m
 _PUBLISHED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "accuracy": ((numbers.Real,), True), "std": ((numbers.Real, type(None)), False), "net": ((str,), True),
     "runs": ((int,), False), "reruns": ((list,), False), "source": ((str,), True), "status": ((str,), False),
-    "note": ((str,), False)}
+    "note": ((str,), False), "finetune": ((dict,), False)}  # finetune: the `raydistill finetune` recipe
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Band:
 
 def check_published(p: Mapping[str, Any]) -> None:
     """A ``published:`` block: one UserError naming the first bad key (see :data:`_PUBLISHED_KEYS`)."""
-    fix = "published: needs accuracy, net and source (optional std, runs, reruns, status, note)"
+    fix = "published: needs accuracy, net and source (optional std, runs, reruns, status, note, finetune)"
     for key in p:
         if key not in _PUBLISHED_KEYS:
             raise UserError(f"unknown published key {key!r}", fix)
