@@ -171,16 +171,13 @@ def cmd_distill(a: argparse.Namespace) -> int:
                            gpus_per_actor=a.gpus_per_actor, tracking_uri=a.tracking_uri, overwrite=a.overwrite,
                            log=_log)
     from raydistill.orchestration.distill_job import set_configs
-    from raydistill.reproduce import expected, judge
+    from raydistill.reproduce import judge_reports
 
-    sets = set_configs(cfg, a.root)
-    judged = {(r.method, net): judge(e["reported_mean"], expected(sets[r.method], net))
-              for r in reports for net, e in r.evals.items()}
+    cells, warnings = judge_reports(set_configs(cfg, a.root), reports)  # expected bands (docs/REPRODUCE.md)
     print()
-    print(format_table(reports, cfg.eval_preset, {k: cell for k, (cell, _) in judged.items()}))
-    for (method, net), (_, warning) in judged.items():
-        if warning:
-            print(f"raydistill: warning: {method} IPC {cfg.ipc} {net}: {warning}", file=sys.stderr)
+    print(format_table(reports, cfg.eval_preset, cells))
+    for w in warnings:
+        print(f"raydistill: warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -196,6 +196,22 @@ def judge(acc: float, e: Band | str) -> tuple[str, str | None]:
     return cell, f"{acc:.2f} is {v} {what} {e.text()} ({e.source}){hint}"
 
 
+def judge_reports(sets: Mapping[str, DistillConfig], reports) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """The distill table's ``expected`` cells by (method, net), and one warning per result outside its band.
+
+    Args:
+        sets: method -> the config of its set (``orchestration.distill_job.set_configs``).
+        reports: the job's ``SetReport`` list (``evals``: net -> result dict with ``reported_mean``).
+    """
+    cells, warnings = {}, []
+    for r in reports:
+        for net, e in r.evals.items():
+            cells[r.method, net], warning = judge(e["reported_mean"], expected(sets[r.method], net))
+            if warning:
+                warnings.append(f"{r.method} IPC {r.ipc} {net}: {warning}")
+    return cells, warnings
+
+
 def expected_of_run(row: Mapping[str, Any], net: str | None) -> Band | str:
     """The ``expected.<net>`` tag of an MLflow run (a pandas row of ``mlflow.search_runs``), parsed."""
     v = row.get(f"tags.expected.{net}") if net else None
