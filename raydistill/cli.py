@@ -47,6 +47,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", type=_csv, help="comma-separated class names or indices (default: all)")
     g.add_argument("--nclass", type=_positive_int, help="classes per phase (ImageNet subsets)")
     g.add_argument("--phase", type=int)
+    g.add_argument("--allow-other-split", action="store_true", default=None,
+                   help="ImageNet subsets: accept a tree that is not ImageNet's own images (e.g. the fastai "
+                   "ImageWoof download; recorded in MLflow)")
     g.add_argument("--model", help="DiT: a local diffusers folder or an original DiT .pt (default: built-in)")
     g.add_argument("--model-size", help="DiT size for .pt files (XL/2, L/2, B/2, S/2, fmnist, test)")
     g.add_argument("--vae", help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-mse)")
@@ -78,7 +81,8 @@ def _key_value(s: str) -> tuple[str, object]:
 def _config(a: argparse.Namespace, **extra):
     from raydistill.config import DistillConfig, read_config_yaml
 
-    keys = ["dataset", "data_root", "image_size", "classes", "nclass", "phase", "model", "model_size", "vae",
+    keys = ["dataset", "data_root", "image_size", "classes", "nclass", "phase", "allow_other_split", "model",
+            "model_size", "vae",
             "eval_preset", "eval_nets", "num_evals", "eval_epochs", "seed", "ipc"]
     keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
              if hasattr(a, k)]
@@ -104,8 +108,14 @@ def cmd_distill(a: argparse.Namespace) -> int:
     reports = run_main_job(cfg, root=a.root, address=a.address, pool_size=a.pool_size, shard_size=a.shard_size,
                            gpus_per_actor=a.gpus_per_actor, tracking_uri=a.tracking_uri, overwrite=a.overwrite,
                            log=_log)
+    from raydistill.orchestration.distill_job import set_configs
+    from raydistill.reproduce import judge_reports
+
+    cells, warnings = judge_reports(set_configs(cfg, a.root), reports)  # expected bands (docs/REPRODUCE.md)
     print()
-    print(format_table(reports, cfg.eval_preset))
+    print(format_table(reports, cfg.eval_preset, cells))
+    for w in warnings:
+        print(f"raydistill: warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -172,7 +182,7 @@ def cmd_surrogate(a: argparse.Namespace) -> int:
     from raydistill.methods.igd.surrogate import SURROGATE_DEFAULTS, SurrogateConfig
 
     data = {"name": a.dataset, "root": a.data_root, "image_size": a.image_size, "nclass": a.nclass,
-            "phase": a.phase or 0}
+            "phase": a.phase or 0, "allow_other_split": a.allow_other_split}
     ds = load_dataset(**data)  # fails here, before Ray, on a bad dataset
     settings = dict(SURROGATE_DEFAULTS.get(ds.name, {}))
     settings.update({f.name: getattr(a, f.name) for f in fields(SurrogateConfig)
@@ -219,7 +229,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         phase_chunks,
     )
 
-    ds = load_dataset(a.dataset, a.data_root, image_size=a.image_size, nclass=a.nclass, phase=a.phase or 0)
+    ds = load_dataset(a.dataset, a.data_root, image_size=a.image_size, nclass=a.nclass, phase=a.phase or 0,
+                      allow_other_split=a.allow_other_split)
     labels = resolve_classes(ds, list(a.classes) if a.classes else None)
     if a.model is None:
         if ds.name != "fashion-mnist":
@@ -255,8 +266,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         from raydistill.orchestration.tracking import default_tracking_uri
 
         data = {"name": a.dataset, "root": a.data_root, "image_size": a.image_size, "nclass": a.nclass,
-                "phase": a.phase or 0}
+                "phase": a.phase or 0, "allow_other_split": a.allow_other_split}
         params = {**{k: str(v) for k, v in asdict(cfg).items()}, "dataset": ds.name, "model": str(dit),
+                  "allow_other_split": str(a.allow_other_split),
                   "vae": str(vae), "out": str(out), "classes": ",".join(ds.class_names[c] for c in labels)}
         index = run_finetune_job(data, str(dit), str(vae), a.model_size, out, cfg, labels, len(phases), params,
                                  tracking_uri=a.tracking_uri or default_tracking_uri(a.root), address=a.address,
@@ -406,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=_positive_int)
     s.add_argument("--nclass", type=_positive_int)
     s.add_argument("--phase", type=int)
+    s.add_argument("--allow-other-split", action="store_true",
+                   help="ImageNet subsets: accept a tree that is not ImageNet's own images")
     s.add_argument("--out", required=True, help="trajectory folder (rerun to resume)")
     s.add_argument("--net", help="surrogate net (default convnet: ConvNet-3 at 28/32 px, ConvNet-6 at 256 px)")
     s.add_argument("--epochs", type=_positive_int, help="default 50 (Fashion-MNIST: 10 of 12,000 images)")
@@ -425,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--image-size", type=_positive_int)
     f.add_argument("--nclass", type=_positive_int)
     f.add_argument("--phase", type=int)
+    f.add_argument("--allow-other-split", action="store_true",
+                   help="ImageNet subsets: accept a tree that is not ImageNet's own images")
     f.add_argument("--classes", type=_csv, help="comma-separated class names or indices (default: all)")
     f.add_argument("--model", help="base DiT: a diffusers folder or an original DiT .pt (default: built-in)")
     f.add_argument("--model-size", help="DiT size for .pt files (XL/2, ...)")

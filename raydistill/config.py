@@ -27,6 +27,7 @@ class DistillConfig:
     classes: tuple[str, ...] | None = None  # class names or indices; None = all
     nclass: int | None = None
     phase: int = 0
+    allow_other_split: bool = False  # ImageNet subsets: accept a tree that is not ImageNet's own (data/split_guard.py)
     # what to make
     method: str = "dit"
     ipc: int = 10
@@ -51,6 +52,8 @@ class DistillConfig:
     out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>
     plugins: tuple[str, ...] = ()  # modules / .py files that register method parts (raydistill.methods.register)
     extra: dict[str, Any] = field(default_factory=dict)  # method parameters (weights, windows, ...)
+    # a paper cell's published figure (jobs/configs/paper/*.yaml); metadata, logged as MLflow tags (reproduce.py)
+    published: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every field checked once, before anything runs: one line naming the bad value (issue 25)."""
@@ -84,6 +87,10 @@ class DistillConfig:
             dup = sorted({c for c in self.classes if list(self.classes).count(c) > 1})
             if dup:
                 raise UserError(f"class {dup[0]!r} is listed twice in classes", "name every class once")
+        if self.published:
+            from raydistill.reproduce import check_published
+
+            check_published(self.published)
         check_extra(self.extra, self)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ class DistillConfig:
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
         skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
-                "plugins"}
+                "plugins", "allow_other_split", "published"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def fingerprint(self) -> str:
@@ -119,9 +126,9 @@ class DistillConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:
-        """Flat string params for MLflow (``extra`` keys prefixed ``extra.``)."""
+        """Flat string params for MLflow (``extra`` keys prefixed ``extra.``; ``published`` goes to tags)."""
         out = {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else str(v))
-               for k, v in self.to_dict().items() if k != "extra"}
+               for k, v in self.to_dict().items() if k not in ("extra", "published")}
         out.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
         return out
 
@@ -137,7 +144,7 @@ def read_config_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{what} file {p} is not valid YAML ({str(e).splitlines()[0]})", "fix its syntax") from e
-    if not isinstance(data, dict) or not isinstance(data.get("extra", {}), dict):
-        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra: a mapping)",
+    if not isinstance(data, dict) or not all(isinstance(data.get(k) or {}, dict) for k in ("extra", "published")):
+        raise UserError(f"{what} file {p} must hold a mapping of config keys (extra, published: mappings)",
                         "see jobs/configs/*.yaml or a study's best.yaml")
     return data

@@ -24,7 +24,8 @@ from raydistill.outputs import DistilledSetWriter, Shard, png_bytes, read_image,
 
 
 def open_dataset(cfg: DistillConfig) -> ClassDataset:
-    return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase)
+    return load_dataset(cfg.dataset, cfg.data_root, image_size=cfg.image_size, nclass=cfg.nclass, phase=cfg.phase,
+                        allow_other_split=cfg.allow_other_split)
 
 
 def selected_labels(cfg: DistillConfig, ds: ClassDataset) -> list[int]:
@@ -59,7 +60,8 @@ def set_dir(root: str | Path, cfg: DistillConfig, method: str) -> Path:
 def set_configs(cfg: DistillConfig, root: str | Path) -> dict[str, DistillConfig]:
     """One config per set the main job makes: the method (into ``cfg.out`` when given) and each baseline."""
     methods = [cfg.method] + [b for b in cfg.baselines if b != cfg.method]
-    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)))
+    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)),
+                         published=cfg.published if m == cfg.method else {})  # a paper cell's figure: its method's
             for m in methods}
 
 

@@ -170,7 +170,7 @@ def fake_imagenet(tmp_path: Path) -> Path:
 
 
 def test_imagenet_subset_loads(fake_imagenet: Path) -> None:
-    ds = load_dataset("imagenette", root=fake_imagenet, image_size=16)
+    ds = load_dataset("imagenette", root=fake_imagenet, image_size=16, allow_other_split=True)
     assert ds.class_names == [w for w, _ in SPEC_NETTE]
     assert ds.dit_labels == [i for _, i in SPEC_NETTE]
     assert ds.human_names[0] == "tench" and ds.human_names[1] == "English springer"
@@ -190,7 +190,8 @@ def test_imagenet_subset_loads(fake_imagenet: Path) -> None:
 
 
 def test_imagenet_phase(fake_imagenet: Path) -> None:
-    ds = load_dataset("imagenette", root=fake_imagenet, image_size=8, nclass=4, phase=1)
+    ds = load_dataset("imagenette", root=fake_imagenet, image_size=8, nclass=4, phase=1,
+                      allow_other_split=True)
     assert ds.class_names == [w for w, _ in SPEC_NETTE[4:8]] and ds.dit_labels == [497, 566, 569, 571]
     assert ds.load("train")[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
 
@@ -198,7 +199,7 @@ def test_imagenet_phase(fake_imagenet: Path) -> None:
 def test_imagenet_corrupt_image(fake_imagenet: Path) -> None:
     bad = fake_imagenet / "train" / SPEC_NETTE[1][0] / "zz_bad.JPEG"
     bad.write_bytes(b"not a jpeg at all")
-    ds = load_dataset("imagenette", root=fake_imagenet, image_size=8)
+    ds = load_dataset("imagenette", root=fake_imagenet, image_size=8, allow_other_split=True)
     ds.load("train", label=0)  # other classes are fine
     with pytest.raises(UserError, match="zz_bad.JPEG"):
         ds.load("train", label=1)

@@ -24,6 +24,7 @@ def load_dataset(
     nclass: int | None = None,
     phase: int = 0,
     channels: int = 3,
+    allow_other_split: bool = False,
 ) -> ClassDataset:
     """Open a dataset by name (see ``DATASET_NAMES``; alias "fmnist").
 
@@ -34,6 +35,8 @@ def load_dataset(
         image_size: output side length (default: native 28 / 8 for Fashion-MNIST / digits, 256 for folders).
         nclass, phase: ImageNet subsets only: take lines [nclass*phase, nclass*(phase+1)) of the class list.
         channels: "folder" only: 1 (grayscale) or 3 (RGB).
+        allow_other_split: ImageNet subsets only: accept a tree that is not ImageNet's own images (counts checked
+            by ``split_guard.check_imagenet_counts``), e.g. the fastai ImageWoof download.
     """
     key = ALIASES.get(name, name) if isinstance(name, str) else name
     if key not in DATASET_NAMES:
@@ -52,7 +55,8 @@ def load_dataset(
         return Digits(image_size=image_size)
     if key == "folder":
         return ImageFolder(root, image_size=image_size, channels=channels)
-    return ImageNetSubset(root, key, image_size=image_size, nclass=nclass, phase=phase)
+    return ImageNetSubset(root, key, image_size=image_size, nclass=nclass, phase=phase,
+                          allow_other_split=allow_other_split)
 
 
 def resolve_classes(ds: ClassDataset, classes: list[str | int] | None) -> list[int]:

@@ -2,6 +2,8 @@
 
 Split "test" maps to ``val`` (50 images per class in ImageNet-1K). Subset labels follow the official list order
 (``subsets.py``); ``dit_labels`` are the ImageNet-1K indices. Order and preprocessing: see ``folder.py``.
+Opening a subset checks by file counts that the tree is ImageNet's own images (``split_guard.py``); pass
+``allow_other_split=True`` for any other tree (a fastai download, a subsample).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 
 from raydistill.data.base import check_image_size
 from raydistill.data.folder import FolderDatasetBase, _check_root, _check_workers
+from raydistill.data.split_guard import check_imagenet_counts
 from raydistill.data.subsets import human_name, imagenet_index, subset_classes
 
 
@@ -26,6 +29,7 @@ class ImageNetSubset(FolderDatasetBase):
         nclass: int | None = None,
         phase: int = 0,
         workers: int = 1,
+        allow_other_split: bool = False,
     ) -> None:
         wnids = subset_classes(subset, nclass, phase)
         self.root = _check_root(root, subset)
@@ -46,4 +50,9 @@ class ImageNetSubset(FolderDatasetBase):
             "sort the flat val/ folder into per-wnid folders) or pass the right --data-root"
         )
         self._init_cache()
-        self._check_class_dirs("train")  # fail early on missing class folders (files are listed lazily)
+        self._check_class_dirs("train")  # fail early on missing class folders
+        self.allow_other_split = allow_other_split
+        if not allow_other_split:  # lists the files once (the index is cached for loading); decodes nothing
+            train = [self.num_images("train", c) for c in range(self.num_classes)]
+            val = [self.num_images("test", c) for c in range(self.num_classes)] if val.is_dir() else None
+            check_imagenet_counts(subset, str(self.root), train, val)

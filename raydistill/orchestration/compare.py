@@ -35,6 +35,7 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
     import mlflow
 
     from raydistill.orchestration.tracking import EXPERIMENT, SET_ID_TAG, _quiet
+    from raydistill.reproduce import expected_of_run
 
     _quiet()
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
@@ -53,6 +54,7 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
         kind = "distill" if kind != kind else kind
         if kind == "study":
             continue
+        acc_col = None
         if acc_cols:
             acc_col = acc_cols[0]
             acc, std = float(r[acc_col]), float(r.get(acc_col[:-5] + "_std", float("nan")))
@@ -67,7 +69,8 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
                "eval": f"{r.get('params.eval_preset')}/{r.get('params.eval_epochs') or 'full'} {_classes(r)}",
                "params": {k.split(".")[-1]: _fmt(r[f"params.{k}"]) for k in KEY_PARAMS
                           if f"params.{k}" in r.index and isinstance(r[f"params.{k}"], str)},
-               "acc": acc, "std": std, "images_per_s": float(r.get("metrics.images_per_s", float("nan")))}
+               "acc": acc, "std": std, "images_per_s": float(r.get("metrics.images_per_s", float("nan"))),
+               "expected": expected_of_run(r, acc_col.split("_", 2)[2][:-5] if acc_col else None)}
         if method and row["method"] != method or dataset and row["dataset"] != dataset or \
                 ipc and row["ipc"] != ipc or study and row["study"] != study:
             continue
@@ -85,16 +88,20 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
 
 
 def format_runs(rows: list[dict]) -> str:
-    """The runs as a fixed-width table."""
+    """The runs as a fixed-width table; the last column is the published figure or built-in band with its
+    verdict (``reproduce.judge``: OUTSIDE when the accuracy falls outside the band)."""
+    from raydistill.reproduce import judge
+
     head = (f"{'method':<11} {'dataset':<14} {'IPC':>4} {'kind':<8} {'status':<14} {'eval':<14} "
-            f"{'accuracy':>16} {'images/s':>9}  parameters")
+            f"{'accuracy':>16} {'images/s':>9}  parameters  | expected")
     lines = [head]
     for r in rows:
         std = "" if r["std"] != r["std"] else f" +- {r['std']:.2f}"
         rate = "-" if r["images_per_s"] != r["images_per_s"] else f"{r['images_per_s']:.2f}"
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"{r['method']:<11} {r['dataset']:<14} {r['ipc']:>4} {r['kind']:<8} {r['status']:<14} "
-                     f"{r['eval']:<14} {r['acc']:>8.2f}{std:<8} {rate:>9}  {params}")
+                     f"{r['eval']:<14} {r['acc']:>8.2f}{std:<8} {rate:>9}  {params}  | "
+                     f"{judge(r['acc'], r.get('expected', ''))[0]}")
     return "\n".join(lines)
 
 

@@ -63,6 +63,7 @@ def run_main_job(cfg: DistillConfig, root: str | Path, address: str | None = Non
     from raydistill.orchestration.results import has_work, read_results
     from raydistill.orchestration.runtime import ray_session
     from raydistill.orchestration.tracking import SetRun, check_tracking_uri, default_tracking_uri
+    from raydistill.reproduce import expected_tags
 
     check_actor_resources(1.0 if gpus_per_actor is None else gpus_per_actor, 0.25)  # before Ray starts
     tracking_uri = tracking_uri or default_tracking_uri(root)
@@ -71,7 +72,7 @@ def run_main_job(cfg: DistillConfig, root: str | Path, address: str | None = Non
     prev = {m: read_results(c.out) for m, c in sets.items()}
     t_start = time.time()
     runs = {m: SetRun(tracking_uri, c.out, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
-                      {"method": c.method, "dataset": c.dataset}, t_start)
+                      {"method": c.method, "dataset": c.dataset, **expected_tags(c)}, t_start)
             for m, c in sets.items() if has_work(c, prev[m])}
     try:
         with ray_session(address):  # re-raises a UserError from a task or actor as itself
@@ -175,9 +176,11 @@ def _track_set(c: DistillConfig, sampled: tuple[float, float, int], evals: dict,
                      content["coverage"])
 
 
-def format_table(reports: list[SetReport], preset: str) -> str:
+def format_table(reports: list[SetReport], preset: str, expected: dict | None = None) -> str:
+    """The accuracy table; ``expected`` maps (method, net) to the table cell of its band (``reproduce.judge``)."""
+    expected = expected or {}
     lines = [f"{'method':<10} {'IPC':>4} {'network':<10} {'accuracy (' + preset + ')':>20} {'images/s':>9} "
-             f"{'coverage':>8} {'distance':>8}"]
+             f"{'coverage':>8} {'distance':>8}" + ("  expected" if expected else "")]
     for r in reports:
         rate = "real" if get_method(r.method).real is not None else f"{r.images_per_s:.2f}"
         cov = (f"{r.coverage['mode_coverage']:>8.2f} {r.coverage['mode_distance']:>8.2f}" if r.coverage
@@ -186,5 +189,6 @@ def format_table(reports: list[SetReport], preset: str) -> str:
             lines.append(f"{r.method:<10} {r.ipc:>4} {'-':<10} {'-':>20} {rate:>9} {cov}")
         for net, e in r.evals.items():
             acc = f"{e['reported_mean']:.2f} +- {e['reported_std']:.2f} (n={e['num_nets']})"
-            lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9} {cov}")
+            band = f"  {expected[r.method, net]}" if (r.method, net) in expected else ""
+            lines.append(f"{r.method:<10} {r.ipc:>4} {net:<10} {acc:>20} {rate:>9} {cov}{band}")
     return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Expected bands (issue 24 items 1 and 4): the built-in model's bands from docs/BENCHMARKS.md, published cells,
+the distill table's band column and warning, and ``raydistill compare``'s published-vs-measured column.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydistill.config import DistillConfig
+from raydistill.reproduce import (
+    NO_MODEL_BAND,
+    NO_SETTINGS_BAND,
+    Band,
+    builtin_band,
+    builtin_model_id,
+    expected,
+    expected_tags,
+    judge,
+    load_bands,
+)
+from tests.conftest import needs_fmnist
+
+REPO = Path(__file__).resolve().parents[1]
+IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-igd-tuned.yaml").read_text())
+MGD3_IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-mgd3+igd-tuned.yaml").read_text())
+
+# typed from docs/BENCHMARKS.md: (method, IPC, preset) -> (mean, std, nets), method defaults at CFG 4
+BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("herding", 1, "dc"): (63.46, 0.25, 5),  # section 11
+              ("mgd3+igd", 1, "dc"): (62.65, 1.02, 5),
+              ("dit", 10, "dc"): (69.45, 0.42, 5), ("minimax-igd", 10, "dc"): (69.28, 0.62, 5),  # section 7
+              ("mgd3", 50, "dc"): (74.37, 0.31, 3), ("random", 50, "dc"): (82.05, 0.31, 3),  # section 9
+              ("minimax", 10, "dsa"): (70.02, 0.25, 3), ("herding", 10, "dsa"): (74.71, 0.35, 3)}  # section 12
+
+
+def test_bands_file_is_keyed_to_the_shipped_model():
+    assert builtin_model_id() == load_bands()["model_sha256"]
+
+
+@pytest.mark.parametrize("key", sorted(BENCHMARKS))
+def test_bands_are_the_benchmark_figures(key):
+    method, ipc, preset = key
+    mean, std, nets = BENCHMARKS[key]
+    b = builtin_band(DistillConfig(method=method, ipc=ipc, eval_preset=preset), "convnet")
+    half = max(2 * std, 1.0)
+    assert isinstance(b, Band) and (b.mean, b.std, b.nets) == (mean, std, nets)
+    assert (b.low, b.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+
+
+def test_band_matching():
+    default = DistillConfig()
+    assert expected(default, "convnet").mean == 69.45  # plain DiT, IPC 10, dc (section 7)
+    assert expected(default, "resnet18") == NO_SETTINGS_BAND  # measured with ConvNet-3 only
+    # the tuned presets have their own bands; the default job's random baseline ignores the generator settings
+    assert expected(DistillConfig.from_dict(IGD_TUNED), "convnet").mean == 72.17
+    assert expected(DistillConfig.from_dict(MGD3_IGD_TUNED), "convnet").mean == 74.78
+    assert expected(DistillConfig.from_dict({**IGD_TUNED, "method": "random"}), "convnet").mean == 72.57
+    assert expected(DistillConfig(method="igd", extra={"igd_refresh": 1, "igd_cache": "/x"}), "convnet").mean == 69.83
+    assert expected(DistillConfig(method="igd", extra={"igd_scale": 7}), "convnet") == NO_SETTINGS_BAND
+    assert expected(DistillConfig(cfg_scale=2.0), "convnet").mean == 70.48
+    assert expected(DistillConfig(method="igd", ipc=50), "convnet") == NO_SETTINGS_BAND  # not measured
+    # not the built-in default: no expectation at all
+    for cfg in (DistillConfig(seed=1), DistillConfig(classes=("0", "1")), DistillConfig(eval_epochs=2),
+                DistillConfig(model="/m/dit")):
+        assert expected(cfg, "convnet") == ""
+    # a retrained model: the bands do not apply
+    assert builtin_band(default, "convnet", model_id="0" * 64) == NO_MODEL_BAND
+
+
+def test_judge_warns_outside_the_band_only():
+    band = expected(DistillConfig(), "convnet")  # 69.45 +- 0.42 -> [68.45, 70.45]
+    assert judge(69.81, band) == ("69.45 +- 0.42 [68.45, 70.45] 5 nets", None)
+    cell, warning = judge(60.0, band)
+    assert cell.endswith("OUTSIDE") and warning.startswith("60.00 is below the band measured for the built-in")
+    assert "section 7" in warning and "broken install" in warning
+    assert judge(70.0, NO_MODEL_BAND) == (NO_MODEL_BAND, None) and judge(70.0, "") == ("-", None)
+    paper = DistillConfig.from_dict({k: v for k, v in yaml.safe_load(
+        (REPO / "jobs/configs/paper/imagewoof-ipc10-minimax-igd-resnetap10.yaml").read_text()).items()})
+    b = expected(paper, "resnet_ap10")
+    assert (b.kind, b.low, b.high, b.reruns) == ("published", 41.3, 45.3, (35.6, 35.8))  # max(0.3, 2.0)
+    cell, warning = judge(35.7, b)
+    assert cell == "43.3 +- 0.3 [41.30, 45.30] reruns 35.6/35.8 OUTSIDE"
+    assert "below the published" in warning and "independent reruns: 35.6, 35.8" in warning
+    assert expected(paper, "convnet") == "published for resnet_ap10"
+    assert set(expected_tags(paper)) == {"expected.resnet_ap10"}
+
+
+def test_distill_table_shows_the_band_and_warns_outside_it(tmp_path):
+    """What ``raydistill distill`` prints after its job: the default job's two sets, dit inside its band and the
+    random baseline (which keeps its own band) outside it."""
+    from raydistill.orchestration.distill_job import SetReport, format_table, set_configs
+    from raydistill.reproduce import judge_reports
+
+    def report(method, acc):
+        return SetReport(method, 10, "/o", 2.0, 1.0, {"convnet": {"reported_mean": acc, "reported_std": 0.0,
+                                                                  "num_nets": 1}})
+
+    reports = [report("dit", 69.81), report("random", 75.0)]
+    cells, warnings = judge_reports(set_configs(DistillConfig(), tmp_path), reports)
+    assert "expected" not in format_table(reports, "dc")
+    lines = format_table(reports, "dc", cells).splitlines()
+    assert lines[0].endswith("expected") and lines[1].endswith("69.45 +- 0.42 [68.45, 70.45] 5 nets")
+    assert lines[2].endswith("72.57 +- 0.34 [71.57, 73.57] 5 nets OUTSIDE")
+    assert len(warnings) == 1 and warnings[0].startswith("random IPC 10 convnet: 75.00 is above the band")
+
+
+def test_compare_shows_published_vs_measured(tmp_path):
+    """A paper cell's run and a built-in run in a real sqlite store; compare flags the one outside its band."""
+    import time
+
+    from raydistill.cli import main
+    from raydistill.orchestration.tracking import SetRun
+
+    uri = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    paper = DistillConfig.from_dict(yaml.safe_load(
+        (REPO / "jobs/configs/paper/imagewoof-ipc10-minimax-igd-resnetap10.yaml").read_text()))
+    builtin = DistillConfig()
+    for cfg, metric, acc in ((paper, "acc_idc_resnet_ap10", 35.7), (builtin, "acc_dc_convnet", 69.81)):
+        run = SetRun(uri, tmp_path / cfg.method, cfg.method, cfg.flat_params(),
+                     {"method": cfg.method, **expected_tags(cfg)}, start_s=time.time())
+        run.finish({f"{metric}_mean": acc, f"{metric}_std": 0.5}, [], {})
+    out = _capture(lambda: main(["compare", "--tracking-uri", uri]))
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert out.splitlines()[0].endswith("| expected")
+    assert rows["minimax-igd"].endswith("| 43.3 +- 0.3 [41.30, 45.30] reruns 35.6/35.8 OUTSIDE")
+    assert rows["dit"].endswith("| 69.45 +- 0.42 [68.45, 70.45] 5 nets")
+
+
+def _capture(fn) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert fn() == 0
+    return buf.getvalue()
+
+
+@pytest.mark.slow  # ~6 min on the loaded 2-core CPU (one 301-pass net at nice 15)
+@needs_fmnist
+def test_distill_prints_the_band_and_tracks_it(tmp_path, capsys):
+    """The built-in default end to end (random real, IPC 1, one full 300-epoch `dc` net): the accuracy lands in
+    its band, the table shows it, no warning, and compare reads the same band from the MLflow tag."""
+    from raydistill.cli import main
+
+    root = str(tmp_path / "runs")
+    nocov = tmp_path / "nocov.yaml"
+    nocov.write_text("coverage: false\n")
+    assert main(["distill", "--method", "random", "--ipc", "1", "--root", root, "--config", str(nocov)]) == 0
+    out, err = capsys.readouterr()
+    row = next(line for line in out.splitlines() if line.startswith("random "))
+    assert row.endswith("45.76 +- 0.54 [44.68, 46.84] 5 nets"), row
+    assert "warning" not in err
+    assert main(["compare", "--root", root]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("| 45.76 +- 0.54 [44.68, 46.84] 5 nets")
