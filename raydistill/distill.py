@@ -213,12 +213,18 @@ def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: 
 
 def coverage_of_set(cfg: DistillConfig, out: str | Path, max_real: int | None = 1000) -> dict:
     """Mode coverage and assignment distance (:mod:`raydistill.evaluate.coverage`) of the set in ``out`` (the
-    generator's VAE)."""
+    generator's VAE) and, where the dataset has a feature network (the built-in Fashion-MNIST one), its generator
+    metrics against the test split next to those of a same-size random real subset
+    (``gen_fid``, ``gen_precision``, ..., ``gen_floor_fid``, ...; :mod:`raydistill.evaluate.generator_metrics`)."""
     from raydistill.evaluate.coverage import set_coverage
+    from raydistill.evaluate.generator_metrics import BUILTIN_FEATURE_NET, set_generator_metrics
     from raydistill.generator import resolve_model_paths
     from raydistill.models.vae import load_vae
 
     ds = open_dataset(cfg)
     x, y = load_distilled(out, ds, selected_labels(cfg, ds), ipc=cfg.ipc)
     codec = load_vae(resolve_model_paths(cfg)[1], image_size=ds.image_size)
-    return set_coverage(ds, codec, x, y, max_real=max_real, seed=cfg.seed)
+    result = set_coverage(ds, codec, x, y, max_real=max_real, seed=cfg.seed)
+    if ds.name == "fashion-mnist" and ds.image_size == 28 and BUILTIN_FEATURE_NET.exists() and len(x) > 2:
+        result["generator"] = set_generator_metrics(ds, x, y, seed=cfg.seed)
+    return result

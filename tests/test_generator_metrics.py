@@ -51,9 +51,9 @@ def test_identical_sets_score_perfectly_and_a_collapsed_set_loses_recall_and_cov
 def test_too_small_sets_are_one_line_errors():
     real = np.random.default_rng(3).normal(size=(20, 4))
     with pytest.raises(UserError, match="too small"):
-        Reference(real, k=5).score(real[:5])
-    with pytest.raises(UserError, match="reference holds 5"):
-        Reference(real[:5], k=5)
+        Reference(real, k=5).score(real[:6])
+    with pytest.raises(UserError, match="reference holds 6"):
+        Reference(real[:6], k=5)
 
 
 def test_feature_net_trains_saves_loads_and_rejects_bad_files(tmp_path):
@@ -120,7 +120,9 @@ def test_set_metrics_score_a_set_and_its_real_floor(tmp_path):
     real_x, real_y = ds.load("train", limit=3)  # a "set" of 3 real images per class
     m = set_generator_metrics(ds, real_x, real_y, feature_net=tmp_path / "f.safetensors")
     assert m["gen_n_generated"] == m["gen_floor_n_generated"] == 30
-    assert m["gen_n_reference"] == ds.num_images("test")
+    assert m["gen_n_reference"] == ds.num_images("test")  # every class is in the set
+    two = set_generator_metrics(ds, real_x[real_y < 2], real_y[real_y < 2], feature_net=tmp_path / "f.safetensors")
+    assert two["gen_n_reference"] == ds.num_images("test", 0) + ds.num_images("test", 1)
     blank = set_generator_metrics(ds, torch.zeros_like(real_x), real_y, feature_net=tmp_path / "f.safetensors")
     assert blank["gen_fid"] > m["gen_fid"] and blank["gen_recall"] <= m["gen_recall"]
     with pytest.raises(UserError, match="no built-in feature network for digits"):

@@ -63,6 +63,10 @@ def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_mode
     assert dit["metrics.images_per_s"] > 0
     assert 0.0 <= dit["metrics.mode_coverage"] <= 1.0 and dit["metrics.mode_distance"] > 0
     assert reports[0].coverage["mode_coverage"] == dit["metrics.mode_coverage"]
+    # generator metrics against the two classes' test images, next to a same-size real subset's
+    assert dit["metrics.gen_n_generated"] == dit["metrics.gen_floor_n_generated"] == 4
+    assert dit["metrics.gen_n_reference"] == 2000 and dit["metrics.gen_fid"] >= 0.0
+    assert 0.0 <= dit["metrics.gen_recall"] <= 1.0 and 0.0 <= dit["metrics.gen_floor_precision"] <= 1.0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(dit["run_id"])}
     assert {"grid.png", "manifest.parquet", "metrics.json"} <= artifacts
 

@@ -127,8 +127,8 @@ class Reference:
     def __init__(self, feats: np.ndarray, k: int = 5) -> None:
         from prdc.prdc import compute_nearest_neighbour_distances
 
-        if len(feats) <= k:
-            raise UserError(f"the reference holds {len(feats)} images, k-NN metrics need more than k={k}",
+        if len(feats) <= k + 1:  # the k-th neighbour besides the point itself
+            raise UserError(f"the reference holds {len(feats)} images, k-NN metrics need more than k+1={k + 1}",
                             "use a larger reference set")
         self.feats, self.k = feats, k
         self.radii = compute_nearest_neighbour_distances(feats, k)
@@ -138,9 +138,9 @@ class Reference:
         from prdc.prdc import compute_nearest_neighbour_distances
         from sklearn.metrics import pairwise_distances
 
-        if len(gen) <= self.k:
+        if len(gen) <= self.k + 1:
             raise UserError(f"a set of {len(gen)} images is too small for k-NN metrics with k={self.k}",
-                            f"score at least {self.k + 1} images")
+                            f"score at least {self.k + 2} images")
         gen_radii = compute_nearest_neighbour_distances(gen, self.k)
         in_real = np.zeros(len(gen), dtype=bool)  # precision: generated j inside some real ball
         density = np.zeros(len(gen))
@@ -185,10 +185,15 @@ def real_floor(ds, extractor, reference: Reference, labels: torch.Tensor, seed: 
     return reference.score(features(extractor, class_balanced_subset(ds, labels, seed)))
 
 
-def split_reference(ds, extractor, k: int = 5, limit: int | None = None) -> Reference:
-    """The dataset's test split (or its first ``limit`` images per class) as the reference."""
+def split_reference(ds, extractor, k: int = 5, limit: int | None = None,
+                    classes: list[int] | None = None) -> Reference:
+    """The dataset's test split (its first ``limit`` images per class; only ``classes`` when given) as the
+    reference."""
     split = "test" if ds.has_split("test") else "train"
-    x, _ = ds.load(split, limit=limit)
+    if classes is None:
+        x, _ = ds.load(split, limit=limit)
+    else:
+        x = torch.cat([ds.load(split, label=int(c), limit=limit)[0] for c in classes])
     return Reference(features(extractor, x), k=k)
 
 
@@ -197,10 +202,10 @@ def set_generator_metrics(ds, images: torch.Tensor, labels: torch.Tensor, featur
     """A distilled set's metrics against the test split (``gen_*``) and those of a random real subset with the same
     class counts (``gen_floor_*``), as the main job logs them. ``labels`` are subset labels."""
     extractor = feature_extractor(ds.name, feature_net, channels=ds.channels, num_classes=ds.num_classes)
-    reference = split_reference(ds, extractor)
-    k = min(reference.k, len(images) - 1)
+    reference = split_reference(ds, extractor, classes=sorted(set(labels.tolist())))
+    k = min(reference.k, len(images) - 2)
     if k < 1:
-        raise UserError(f"a set of {len(images)} images is too small for generator metrics", "make at least 2 images")
+        raise UserError(f"a set of {len(images)} images is too small for generator metrics", "make at least 3 images")
     if k != reference.k:
         reference = Reference(reference.feats, k=k)
     own = reference.score(features(extractor, images))

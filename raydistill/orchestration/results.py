@@ -89,6 +89,7 @@ def merged(c: DistillConfig, results: dict, sampled: tuple[float, float, int], n
         metrics["seconds_eval"] = eval_secs
     if coverage is not None:
         metrics.update({"mode_coverage": coverage["mode_coverage"], "mode_distance": coverage["mode_distance"]})
+        metrics.update({k: v for k, v in (coverage.get("generator") or {}).items() if not k.endswith("_k")})
     for net, e in current_evals(c, {"evals": evals}).items():
         key = f"acc_{c.eval_preset}_{net}"
         metrics.update({f"{key}_mean": e["reported_mean"], f"{key}_std": e["reported_std"]})
