@@ -59,9 +59,13 @@ def score_generator(model: Path, vae: Path, cfgs: list[float], per_class: int, s
 
 
 def table(results: dict) -> str:
-    rows = ["| model | CFG | images | FID | precision | recall | density | coverage | class consistency |",
+    rows = ["| model | CFG | images per class | FID | precision | recall | density | coverage | class consistency |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for key, m in sorted(results["runs"].items()):
+    def order(key: str) -> tuple:
+        tag, cfg = key.split("|")[:2]
+        return (tag == FLOOR, tag, float(cfg) if cfg != "-" else 0.0)
+
+    for key, m in sorted(results["runs"].items(), key=lambda kv: order(kv[0])):
         tag, cfg, n = key.split("|")[:3]
         cons = f"{m['class_consistency']:.1f}%" if "class_consistency" in m else ""
         rows.append(f"| {tag} | {cfg} | {n} | {m['fid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | "
