@@ -54,15 +54,20 @@ def plot(results: dict, path: Path) -> None:
         tag, step, cfg = key.split("|")
         series.setdefault((tag, cfg), []).append((int(step), m))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = {key: f"C{i}" for i, key in enumerate(sorted(series))}  # one colour per (model, CFG) in every panel
+    any_acc = False
     for (tag, cfg), pts in sorted(series.items()):
         pts.sort()
-        steps = [s for s, _ in pts]
-        axes[0].plot(steps, [m["fid"] for _, m in pts], "o-", label=f"{tag} CFG {cfg}")
-        axes[1].plot(steps, [m["recall"] for _, m in pts], "o-", label=f"{tag} CFG {cfg} recall")
-        axes[1].plot(steps, [m["precision"] for _, m in pts], "x--", label=f"{tag} CFG {cfg} precision")
+        steps, c = [s for s, _ in pts], colours[tag, cfg]
+        axes[0].plot(steps, [m["fid"] for _, m in pts], "o-", color=c, label=f"{tag} CFG {cfg}")
+        axes[1].plot(steps, [m["recall"] for _, m in pts], "o-", color=c, label=f"{tag} CFG {cfg} recall")
+        axes[1].plot(steps, [m["precision"] for _, m in pts], "x--", color=c, label=f"{tag} CFG {cfg} precision")
         acc = [(s, sum(m["accuracy"]) / len(m["accuracy"])) for s, m in pts if m.get("accuracy")]
         if acc:
-            axes[2].plot(*zip(*acc), "o-", label=f"{tag} CFG {cfg}")
+            any_acc = True
+            axes[2].plot(*zip(*acc), "o-", color=c, label=f"{tag} CFG {cfg}")
+    if not any_acc:
+        axes[2].text(0.5, 0.5, "not measured yet", ha="center", va="center", transform=axes[2].transAxes)
     floor = results.get("floor")
     if floor:
         axes[0].axhline(floor["fid"], color="grey", ls=":", label="real vs real (same size)")
@@ -73,7 +78,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("training steps (batch 128)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
