@@ -336,7 +336,7 @@ def test_imagenet_subset_with_a_torchvision_1k_teacher(tmp_path) -> None:
             for k in range(n):
                 arr = (torch.rand(60, 60, 3, generator=g) * 255).to(torch.uint8).numpy()
                 Image.fromarray(arr).save(tmp_path / split / wnid / f"{k}.png")
-    ds = ImageNetSubset(tmp_path, "imagenette", image_size=56)
+    ds = ImageNetSubset(tmp_path, "imagenette", image_size=56, allow_other_split=True)  # a toy tree
     pth = tmp_path / "resnet18-1k.pth"
     torch.save(resnet18(weights=None, num_classes=1000).state_dict(), pth)
     assert teacher_columns(1000, 10, ds, list(range(10))) == ds.dit_labels
