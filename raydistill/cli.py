@@ -270,9 +270,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         params = {**{k: str(v) for k, v in asdict(cfg).items()}, "dataset": ds.name, "model": str(dit),
                   "allow_other_split": str(a.allow_other_split),
                   "vae": str(vae), "out": str(out), "classes": ",".join(ds.class_names[c] for c in labels)}
-        index = run_finetune_job(data, str(dit), str(vae), a.model_size, out, cfg, labels, len(phases), params,
-                                 tracking_uri=a.tracking_uri or default_tracking_uri(a.root), address=a.address,
-                                 log=_log)
+        index, reports = run_finetune_job(data, str(dit), str(vae), a.model_size, out, cfg, labels, params,
+                                          tracking_uri=a.tracking_uri or default_tracking_uri(a.root),
+                                          address=a.address, log=_log)
+        ran = [r["phase"] for r in reports if r["trained"]]
+        _log(f"phases fine-tuned now: {ran or 'none'}"
+             + (" (the others were done before)" if len(ran) < len(reports) else ""))
     print(f"fine-tune written to {out} ({len(index['phases'])} phase(s)); distill with --method minimax"
           + ("" if a.out is None and a.model is None else f" --set finetune={out}"))
     return 0

@@ -95,6 +95,22 @@ class SetRun:
         self.client.set_terminated(self.run_id, status)
 
 
+def phase_prefix(phase: int, n_phases: int) -> str:
+    """The metric-name prefix of a fine-tune phase: none for a single phase, else ``phaseNN_``."""
+    return "" if n_phases == 1 else f"phase{phase:02d}_"
+
+
+def log_step_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step`` into the run ``run_id`` (from any process: a Ray task logs into the driver's
+    run). Several tasks may write one sqlite store at once; sqlite serialises them (each waits for the lock)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    _quiet()
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
 def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):
     """Point MLflow at ``tracking_uri`` and make ``experiment`` active, creating it when missing.
 
