@@ -86,6 +86,8 @@ def _config(a: argparse.Namespace, **extra):
             "eval_preset", "eval_nets", "num_evals", "eval_epochs", "seed", "ipc"]
     keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
              if hasattr(a, k)]
+    if getattr(a, "write_from_workers", False):
+        keys.append("write_from_workers")
     over = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     if getattr(a, "plugin", None):
         over["plugins"] = tuple(a.plugin)
@@ -381,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cfg-channels", type=int)
     d.add_argument("--batch-size", type=_positive_int)
     d.add_argument("--root", default="runs", help="output root: sets, and mlflow.db (default ./runs)")
-    d.add_argument("--out", help="output folder of the main method's set (default <root>/<dataset>/<method>-...)")
+    d.add_argument("--out", help="output folder of the main method's set (default <root>/<dataset>/<method>-...); "
+                   "with --write-from-workers also file:// or an object store URI (s3://BUCKET/PREFIX/SET)")
+    d.add_argument("--write-from-workers", action="store_true", default=None,
+                   help="sampler actors write their shards' PNGs where the set lives (shared filesystem or object "
+                   "store); the driver commits only manifests (config key write_from_workers)")
     d.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
     d.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
     d.add_argument("--pool-size", type=_positive_int,

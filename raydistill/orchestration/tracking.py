@@ -45,9 +45,14 @@ def check_tracking_uri(uri: str) -> None:
         raise UserError(f"the folder of the MLflow database {uri!r} does not exist", fix)
 
 
+def set_place(out: str | Path) -> str:
+    """Where a set lives: its absolute folder, or its URI (an object store, ``raydistill.storage``) as given."""
+    return str(out) if "://" in str(out) else str(Path(out).resolve())
+
+
 def set_id(out: str | Path) -> str:
-    """A set's identity in MLflow: a hash of its absolute folder (a tag value safe in filter strings)."""
-    return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+    """A set's identity in MLflow: a hash of :func:`set_place` (a tag value safe in filter strings)."""
+    return hashlib.sha256(set_place(out).encode()).hexdigest()[:16]
 
 
 class SetRun:
@@ -65,7 +70,7 @@ class SetRun:
         stale = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`{SET_ID_TAG}` = '{sid}' and "
                                         "attributes.status = 'RUNNING'")
         run = self.client.create_run(exp.experiment_id, start_time=int(start_s * 1000), run_name=run_name,
-                                     tags={**tags, SET_TAG: str(Path(out).resolve()), SET_ID_TAG: sid})
+                                     tags={**tags, SET_TAG: set_place(out), SET_ID_TAG: sid})
         self.run_id = run.info.run_id
         for r in stale:  # a driver killed while it ran this set
             self.client.set_tag(r.info.run_id, NOTE_TAG, f"its driver ended without finishing it (killed?); "
