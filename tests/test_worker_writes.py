@@ -128,3 +128,17 @@ def test_killed_actor_mid_shard_is_restarted_and_the_set_is_whole(ray_faults, re
     claimed = json.loads(Path(f"{ray_faults}.claimed").read_text())
     assert len(claimed["staged"]) == 2  # it did die mid-shard; Ray restarted it and retried the shard
     assert res.shards_run == 3 and _tree(out) == _tree(reference)
+
+
+def test_cli_uri_out_without_the_flag_is_one_line_and_the_flag_sets_the_key(tiny_model, tmp_path, capsys):
+    from raydistill.cli import _config, build_parser, main
+
+    dit, vae = tiny_model
+    flags = ["distill", "--model", str(dit), "--vae", str(vae), "--classes", "0", "--ipc", "1",
+             "--root", str(tmp_path)]
+    assert main([*flags, "--out", "s3://bucket/prefix/set"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a URI" in err[0] and "--write-from-workers" in err[0]
+    cfg = _config(build_parser().parse_args([*flags, "--write-from-workers", "--out", (tmp_path / "s").as_uri()]))
+    assert cfg.write_from_workers and cfg.out == str(tmp_path / "s")
+    assert not _config(build_parser().parse_args(flags)).write_from_workers
