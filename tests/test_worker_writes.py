@@ -142,3 +142,10 @@ def test_cli_uri_out_without_the_flag_is_one_line_and_the_flag_sets_the_key(tiny
     cfg = _config(build_parser().parse_args([*flags, "--write-from-workers", "--out", (tmp_path / "s").as_uri()]))
     assert cfg.write_from_workers and cfg.out == str(tmp_path / "s")
     assert not _config(build_parser().parse_args(flags)).write_from_workers
+
+
+def test_in_process_distill_refuses_a_uri_output(tiny_model):
+    from raydistill.distill import distill_local
+
+    with pytest.raises(UserError, match="only the Ray pipeline"):
+        distill_local(_cfg(tiny_model, "s3://bucket/prefix/set", write_from_workers=True))

@@ -30,7 +30,7 @@ import numpy as np
 from raydistill.config import DistillConfig
 from raydistill.distill import DistillResult, plan_shards, selected_labels, write_grid
 from raydistill.outputs import DistilledSetWriter, Shard
-from raydistill.storage import StoreSetWriter, is_uri
+from raydistill.storage import SetStore, StoreSetWriter, is_uri
 
 
 class ShardSampler:
@@ -55,8 +55,6 @@ class ShardSampler:
         try:
             self.runner = ShardRunner(DistillConfig.from_dict(cfg))
             if write_to is not None:  # write_from_workers: this actor writes its shards' PNGs (raydistill.storage)
-                from raydistill.storage import SetStore
-
                 self.store = SetStore(write_to)
         except UserError as e:
             self.error = e
