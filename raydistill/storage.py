@@ -1,6 +1,6 @@
 """Sets written by the sampler actors themselves, to any ``pyarrow.fs`` filesystem: a local path or ``file://`` URI
 (local disk, NFS, any mount), or an object store URI (``s3://bucket/prefix/set?endpoint_override=host:port`` for
-S3-compatible stores, ``gs://``, ``hdfs://``).
+S3-compatible stores, ``gs://``, ``hdfs://``; other protocols through fsspec, e.g. ``az://`` with adlfs).
 
 In the default mode every PNG travels to the driver, which writes the set (:class:`raydistill.outputs.
 DistilledSetWriter`). With ``write_from_workers`` each actor writes its shard's PNGs where the set lives and sends
@@ -19,6 +19,8 @@ An actor killed while staging leaves files only in the sidecar: no PNG of the sh
 nothing of it is visible, and the shard is made again (by Ray's retry of the task on a restarted actor, or by the
 next run); one killed between its moves leaves some PNGs in place without a manifest, which the redo overwrites
 with the same bytes (the images are deterministic), exactly as when the driver dies mid-commit in the default mode.
+A shard an actor finished while the job was failing is in place, whole, without a manifest, and is redone the same
+way. A set is usable once ``manifest.parquet`` exists; until then only the shard manifests say what is committed.
 
 Resuming: a local set is checked as in the default mode (:func:`raydistill.outputs.check_output_dir`: settings,
 every committed PNG against its sha256); on an object store only the settings fingerprint (``run.json``) is
@@ -65,9 +67,8 @@ class SetStore:
             raise UserError(f"the output {self.out!r} is a bucket root",
                             "name a folder inside it (the set's bookkeeping goes next to it)")
         try:
-            self.fs, root = pafs.FileSystem.from_uri(self.out if is_uri(self.out)
-                                                    else str(Path(self.out).resolve()))
-        except (ValueError, OSError, TypeError) as e:
+            self.fs, root = _open(self.out if is_uri(self.out) else str(Path(self.out).resolve()))
+        except (ValueError, OSError, TypeError, ImportError) as e:
             raise UserError(f"cannot open the output {self.out!r} ({str(e).splitlines()[0]})",
                             "pass a local path, file:///ABS/PATH or an object store URI such as s3://BUCKET/PREFIX/SET"
                             ) from None
@@ -105,6 +106,11 @@ class SetStore:
         return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                       and not i.base_name.startswith("."))
 
+    def has_entries(self, folder: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return bool(self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)))
+
     def delete_dir(self, folder: str) -> None:
         import pyarrow.fs as pafs
 
@@ -131,6 +137,23 @@ class SetStore:
             self.fs.move(f"{stage}/{name}", f"{self.root}/{row['path']}")
         self.delete_dir(stage)
         return rows
+
+
+def _open(uri: str):
+    """(pyarrow filesystem, path) for ``uri``: pyarrow's own (local, s3, gs, hdfs, abfs), else an fsspec one wrapped
+    for pyarrow (any protocol an installed fsspec implementation registers)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as e:
+        if "Unrecognized filesystem type" not in str(e):
+            raise
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def _claim_fault() -> tuple[str, dict] | None:
@@ -169,10 +192,14 @@ class StoreSetWriter:
                 same = run is None or json.loads(run).get("fingerprint") == fingerprint
             except (ValueError, AttributeError):
                 same = False
-            if not same:
-                if not overwrite:
-                    raise UserError(f"{out} holds a distilled set made with other settings (or a corrupt run.json)",
-                                    "choose another --out, or pass --overwrite to replace it")
+            foreign = run is None and s.has_entries(s.root) and not s.has_entries(s.sidecar)
+            if foreign and not overwrite:
+                raise UserError(f"{out} exists and is not a raydistill output", "choose another --out or pass "
+                                "--overwrite")
+            if not same and not overwrite:
+                raise UserError(f"{out} holds a distilled set made with other settings (or a corrupt run.json)",
+                                "choose another --out, or pass --overwrite to replace it")
+            if foreign or not same:
                 s.delete_dir(s.root)
                 s.delete_dir(s.sidecar)
         self.shards = f"{s.sidecar}/shards"

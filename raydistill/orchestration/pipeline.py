@@ -113,7 +113,8 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
                  for s in todo]
         data = ray.data.from_items(items, override_num_blocks=len(items))
         threads = threads_per_actor or max(1, int(round(cpus_per_actor)))
-        write_to = cfg.out if cfg.write_from_workers else None
+        # the set's absolute place (a relative path would resolve against each worker's own directory) or its URI
+        write_to = (cfg.out if is_uri(cfg.out) else str(writer.out)) if cfg.write_from_workers else None
         mapped = data.map_batches(ShardSampler, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads,
                                                                        "write_to": write_to},
                                   compute=ray.data.ActorPoolStrategy(size=pool_size), batch_size=1,
