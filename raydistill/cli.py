@@ -86,6 +86,8 @@ def _config(a: argparse.Namespace, **extra):
             "eval_preset", "eval_nets", "num_evals", "eval_epochs", "seed", "ipc"]
     keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
              if hasattr(a, k)]
+    if getattr(a, "write_from_workers", False):
+        keys.append("write_from_workers")
     over = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     if getattr(a, "plugin", None):
         over["plugins"] = tuple(a.plugin)
@@ -270,9 +272,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         params = {**{k: str(v) for k, v in asdict(cfg).items()}, "dataset": ds.name, "model": str(dit),
                   "allow_other_split": str(a.allow_other_split),
                   "vae": str(vae), "out": str(out), "classes": ",".join(ds.class_names[c] for c in labels)}
-        index = run_finetune_job(data, str(dit), str(vae), a.model_size, out, cfg, labels, len(phases), params,
-                                 tracking_uri=a.tracking_uri or default_tracking_uri(a.root), address=a.address,
-                                 log=_log)
+        index, reports = run_finetune_job(data, str(dit), str(vae), a.model_size, out, cfg, labels, params,
+                                          tracking_uri=a.tracking_uri or default_tracking_uri(a.root),
+                                          address=a.address, log=_log)
+        ran = [r["phase"] for r in reports if r["trained"]]
+        _log(f"phases fine-tuned now: {ran or 'none'}"
+             + (" (the others were done before)" if len(ran) < len(reports) else ""))
     print(f"fine-tune written to {out} ({len(index['phases'])} phase(s)); distill with --method minimax"
           + ("" if a.out is None and a.model is None else f" --set finetune={out}"))
     return 0
@@ -378,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cfg-channels", type=int)
     d.add_argument("--batch-size", type=_positive_int)
     d.add_argument("--root", default="runs", help="output root: sets, and mlflow.db (default ./runs)")
-    d.add_argument("--out", help="output folder of the main method's set (default <root>/<dataset>/<method>-...)")
+    d.add_argument("--out", help="output folder of the main method's set (default <root>/<dataset>/<method>-...); "
+                   "with --write-from-workers also file:// or an object store URI (s3://BUCKET/PREFIX/SET)")
+    d.add_argument("--write-from-workers", action="store_true", default=None,
+                   help="sampler actors write their shards' PNGs where the set lives (shared filesystem or object "
+                   "store); the driver commits only manifests (config key write_from_workers)")
     d.add_argument("--overwrite", action="store_true", help="replace a set made with other settings")
     d.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
     d.add_argument("--pool-size", type=_positive_int,

@@ -49,7 +49,8 @@ class DistillConfig:
     baselines: tuple[str, ...] = ("random",)
     coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.evaluate.coverage)
     # output
-    out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>
+    out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>; a URI with write_from_workers
+    write_from_workers: bool = False  # sampler actors write their PNGs where the set lives (raydistill.storage)
     plugins: tuple[str, ...] = ()  # modules / .py files that register method parts (raydistill.methods.register)
     extra: dict[str, Any] = field(default_factory=dict)  # method parameters (weights, windows, ...)
     # a paper cell's published figure (jobs/configs/paper/*.yaml); metadata, logged as MLflow tags (reproduce.py)
@@ -87,6 +88,16 @@ class DistillConfig:
             dup = sorted({c for c in self.classes if list(self.classes).count(c) > 1})
             if dup:
                 raise UserError(f"class {dup[0]!r} is listed twice in classes", "name every class once")
+        if not isinstance(self.write_from_workers, bool):
+            raise UserError(f"write_from_workers must be true or false, got {self.write_from_workers!r}",
+                            "pass --write-from-workers, or leave it out")
+        if self.out is not None:
+            from raydistill.storage import is_uri, local_out
+
+            object.__setattr__(self, "out", local_out(str(self.out)))  # file:///abs/path -> /abs/path
+            if is_uri(self.out) and not self.write_from_workers:
+                raise UserError(f"the output {self.out!r} is a URI, which only the sampler actors can write to",
+                                "pass --write-from-workers (config key write_from_workers: true), or a local path")
         if self.published:
             from raydistill.reproduce import check_published
 
@@ -118,7 +129,7 @@ class DistillConfig:
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
         skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
-                "plugins", "allow_other_split", "published"}
+                "plugins", "allow_other_split", "published", "write_from_workers"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def fingerprint(self) -> str:

@@ -21,6 +21,7 @@ from raydistill.data import ClassDataset, load_dataset, resolve_classes
 from raydistill.errors import UserError
 from raydistill.methods import MethodContext, get_method
 from raydistill.outputs import DistilledSetWriter, Shard, png_bytes, read_image, save_grid
+from raydistill.storage import is_uri
 
 
 def open_dataset(cfg: DistillConfig) -> ClassDataset:
@@ -137,6 +138,9 @@ def distill_local(cfg: DistillConfig, overwrite: bool = False, device: str | Non
     """Distill ``cfg`` in this process (no Ray): resumable, atomic per shard. ``runner``: one built for ``cfg``."""
     if cfg.out is None:
         raise UserError("no output folder given", "set out in the config or pass --out")
+    if is_uri(cfg.out):
+        raise UserError(f"the output {cfg.out!r} is a URI, which only the Ray pipeline's sampler actors write to",
+                        "run on Ray with write_from_workers, or pass a local path")
     runner = runner if runner is not None else ShardRunner(cfg, device)
     labels = selected_labels(cfg, runner.ds)
     writer = DistilledSetWriter(cfg.out, runner.ds.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)

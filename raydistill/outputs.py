@@ -208,6 +208,16 @@ def committed_damage(out: str | Path) -> tuple[str, str] | None:
     return None
 
 
+def annotate_rows(shard_id: str, rows: list[dict], pngs: Sequence[bytes]) -> list[dict]:
+    """Add ``path`` (``<safe class name>/<index>.png``), ``sha256`` and ``shard`` to a shard's manifest rows, in
+    place (the driver's commit and a sampler actor writing its own PNGs both call this: the same manifests)."""
+    for row, data in zip(rows, pngs):
+        row["path"] = f"{safe_class_name(row['class_name'])}/{int(row['index'])}.png"
+        row["sha256"] = sha256(data)
+        row["shard"] = shard_id
+    return rows
+
+
 @dataclass
 class Shard:
     """Images of one class; ``indices`` are the image numbers k, ``seeds`` their per-image seeds."""
@@ -239,9 +249,7 @@ class DistilledSetWriter:
         atomic_write_text(run_file, text)  # a resume touches nothing: only changed bytes are written
 
     def _clear(self) -> None:
-        for child in self.out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-        shutil.rmtree(sidecar(self.out), ignore_errors=True)
+        clear_set(self.out)
 
     def shard_done(self, shard_id: str) -> bool:
         return shard_id in self.done or (self.shards / f"{shard_id}.parquet").exists()
@@ -250,10 +258,7 @@ class DistilledSetWriter:
         """Write one shard's PNGs and manifest rows atomically (rows carry ``class_name`` and ``index``)."""
         stage = staging_dir(self.out) / shard_id
         tmp = self.shards / f".{shard_id}.parquet.tmp"
-        for row, data in zip(rows, pngs):
-            row["path"] = f"{safe_class_name(row['class_name'])}/{int(row['index'])}.png"
-            row["sha256"] = sha256(data)
-            row["shard"] = shard_id
+        annotate_rows(shard_id, rows, pngs)
         # on a full disk: drop this shard's staged, moved and temporary files; committed shards stay as they were
         with disk_full_is_user_error(self.out, [stage, tmp] + [self.out / r["path"] for r in rows]):
             self.shards.mkdir(parents=True, exist_ok=True)
@@ -267,7 +272,7 @@ class DistilledSetWriter:
                 dest.parent.mkdir(exist_ok=True)
                 os.replace(stage / f"{row['class_name']}__{row['index']}.png", dest)
             shutil.rmtree(stage, ignore_errors=True)
-            tmp.write_bytes(_parquet_bytes(rows))
+            tmp.write_bytes(parquet_bytes(rows))
             os.replace(tmp, self.shards / f"{shard_id}.parquet")
 
     def finalize(self) -> list[dict]:
@@ -282,9 +287,16 @@ class DistilledSetWriter:
         for f in shard_files:
             rows.extend(pq.read_table(f).to_pylist())
         rows.sort(key=lambda r: (r["label"], r["index"]))
-        _atomic_write_bytes(self.out / MANIFEST, _parquet_bytes(rows))
+        _atomic_write_bytes(self.out / MANIFEST, parquet_bytes(rows))
         shutil.rmtree(sidecar(self.out), ignore_errors=True)
         return rows
+
+
+def clear_set(out: Path) -> None:
+    """Empty the folder ``out`` and drop its sidecar (``--overwrite`` of a set made with other settings)."""
+    for child in out.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    shutil.rmtree(sidecar(out), ignore_errors=True)
 
 
 def imagefolder_to_label(out: str | Path) -> dict[int, int]:
@@ -297,7 +309,7 @@ def imagefolder_to_label(out: str | Path) -> dict[int, int]:
     return {i: names[n] for i, n in enumerate(sorted(names))}
 
 
-def _parquet_bytes(rows: list[dict]) -> bytes:
+def parquet_bytes(rows: list[dict]) -> bytes:
     """Rows as a parquet file in memory: written with Python's own I/O, a full disk raises OSError(ENOSPC)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

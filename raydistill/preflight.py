@@ -140,6 +140,7 @@ def preflight_distill(cfg: DistillConfig, root: str | Path, overwrite: bool) -> 
     from raydistill.distill import open_dataset, selected_labels, set_configs
     from raydistill.methods import get_method
     from raydistill.outputs import check_output_dir
+    from raydistill.storage import SetStore, is_uri
 
     check_root(root)
     ds = open_dataset(cfg)
@@ -152,7 +153,10 @@ def preflight_distill(cfg: DistillConfig, root: str | Path, overwrite: bool) -> 
     if any(get_method(m).generative or get_method(m).needs_codec for m in sets):
         check_model(cfg)
     for c in sets.values():
-        check_output_dir(c.out, c.fingerprint(), overwrite)
+        if is_uri(c.out):  # an object store: the URI parses; its settings are checked when the job opens it
+            SetStore(c.out)
+        else:
+            check_output_dir(c.out, c.fingerprint(), overwrite)
 
 
 def preflight_tune(cfg: DistillConfig) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from raydistill.config import DistillConfig
 from raydistill.distill import set_configs
 from raydistill.methods import get_method
+from raydistill.storage import is_uri
 
 
 @dataclass
@@ -126,8 +127,11 @@ def _evaluate_sets(cfg: DistillConfig, sets: dict[str, DistillConfig], prev: dic
     from raydistill.orchestration.results import missing_evals, needs_coverage
 
     evals: dict[str, dict] = {m: {} for m in sets}
-    todo = [(m, net) for m, c in sets.items() for net in missing_evals(c, prev[m])]
-    cov_todo = [m for m, c in sets.items() if needs_coverage(c, prev[m])]
+    remote = sorted(m for m, c in sets.items() if is_uri(c.out))
+    if remote:  # evaluation reads PNG folders: a set on an object store is evaluated where it is mounted
+        log(f"not evaluating {', '.join(remote)} (on an object store): run `raydistill evaluate` on a mount of it")
+    todo = [(m, net) for m, c in sets.items() if m not in remote for net in missing_evals(c, prev[m])]
+    cov_todo = [m for m, c in sets.items() if m not in remote and needs_coverage(c, prev[m])]
     if not todo and not cov_todo:
         return evals, 0.0
     res = ray.cluster_resources()
@@ -167,9 +171,11 @@ def _track_set(c: DistillConfig, sampled: tuple[float, float, int], evals: dict,
     run_id = None
     if run is not None:
         text = json.dumps(content, indent=1)
-        run.finish(content["metrics"], [Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet"],
+        local = not is_uri(c.out)  # a set on an object store: its metrics.json is the MLflow run's only
+        run.finish(content["metrics"], [Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet"] if local else [],
                    {"metrics.json": text})
-        write_results(c.out, content)
+        if local:
+            write_results(c.out, content)
         run_id = run.run_id
     return SetReport(c.method, c.ipc, c.out, content["sampling"].get("images_per_s", 0.0),
                      content["sampling"].get("seconds_sample", 0.0), current_evals(c, content), run_id,

@@ -3,7 +3,9 @@
 ``ShardSampler`` is Ray's batch-inference pattern: it loads the DiT, VAE and guidance state once in ``__init__``
 (on its GPU when it has one) and is mapped over batches of shards. Each output row is one image (PNG bytes plus its
 manifest row); the driver groups rows by shard and commits a shard atomically when all its images have arrived, so
-outputs need no shared filesystem and a killed job resumes at the first uncommitted shard.
+outputs need no shared filesystem and a killed job resumes at the first uncommitted shard. With
+``cfg.write_from_workers`` the actors write the PNGs themselves where the set lives (a shared filesystem or an
+object store, :mod:`raydistill.storage`), the rows carry no PNG bytes, and the driver commits only manifests.
 
 Failures (docs/RELIABILITY.md): a sampler actor that dies (its process killed, its node lost) is restarted by Ray on
 any node with room and the shard it was working on is retried there. That is Ray Data's default for actor pools
@@ -28,6 +30,7 @@ import numpy as np
 from raydistill.config import DistillConfig
 from raydistill.distill import DistillResult, plan_shards, selected_labels, write_grid
 from raydistill.outputs import DistilledSetWriter, Shard
+from raydistill.storage import SetStore, StoreSetWriter, is_uri
 
 
 class ShardSampler:
@@ -39,7 +42,7 @@ class ShardSampler:
     turns back into the one line.
     """
 
-    def __init__(self, cfg: dict, threads: int | None = None) -> None:
+    def __init__(self, cfg: dict, threads: int | None = None, write_to: str | None = None) -> None:
         import torch
 
         from raydistill.distill import ShardRunner
@@ -48,8 +51,11 @@ class ShardSampler:
         if threads:
             torch.set_num_threads(threads)
         self.error: UserError | None = None
+        self.store = None
         try:
             self.runner = ShardRunner(DistillConfig.from_dict(cfg))
+            if write_to is not None:  # write_from_workers: this actor writes its shards' PNGs (raydistill.storage)
+                self.store = SetStore(write_to)
         except UserError as e:
             self.error = e
 
@@ -61,6 +67,8 @@ class ShardSampler:
             shard = Shard(str(batch["shard_id"][i]), int(batch["class_label"][i]),
                           [int(v) for v in batch["indices"][i]], [int(v) for v in batch["seeds"][i]])
             rows, pngs = self.runner.run(shard)
+            if self.store is not None:  # the PNGs are in place: only the manifest rows travel to the driver
+                rows, pngs = self.store.place_shard(shard.shard_id, rows, pngs), [b""] * len(rows)
             for row, png in zip(rows, pngs):
                 out["shard_id"].append(shard.shard_id)
                 out["row"].append(json.dumps(row))
@@ -93,7 +101,10 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
     check_actor_resources(gpus_per_actor, cpus_per_actor)
     ds_meta = open_dataset(cfg)
     labels = selected_labels(cfg, ds_meta)
-    writer = DistilledSetWriter(cfg.out, ds_meta.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)
+    if cfg.write_from_workers:
+        writer = StoreSetWriter(cfg.out, cfg.fingerprint(), cfg.generation_key(), overwrite)
+    else:
+        writer = DistilledSetWriter(cfg.out, ds_meta.class_names, cfg.fingerprint(), cfg.generation_key(), overwrite)
     shards = plan_shards(cfg, labels, shard_size)
     todo = [s for s in shards if not writer.shard_done(s.shard_id)]
     t0, made = time.time(), 0
@@ -102,7 +113,10 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
                  for s in todo]
         data = ray.data.from_items(items, override_num_blocks=len(items))
         threads = threads_per_actor or max(1, int(round(cpus_per_actor)))
-        mapped = data.map_batches(ShardSampler, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads},
+        # the set's absolute place (a relative path would resolve against each worker's own directory) or its URI
+        write_to = (cfg.out if is_uri(cfg.out) else str(writer.out)) if cfg.write_from_workers else None
+        mapped = data.map_batches(ShardSampler, fn_constructor_kwargs={"cfg": cfg.to_dict(), "threads": threads,
+                                                                       "write_to": write_to},
                                   compute=ray.data.ActorPoolStrategy(size=pool_size), batch_size=1,
                                   num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_format="numpy")
         # closing the iteration on any error (a full disk in commit, Ctrl-C) stops Ray Data's executor here, before
@@ -111,13 +125,15 @@ def distill_ray(cfg: DistillConfig, pool_size: int = 1, shard_size: int | None =
             made = _commit_arrivals(batches, writer, todo, len(shards), t0, progress)
     rows = writer.finalize()
     secs = time.time() - t0
-    write_grid(cfg.out, ds_meta)
+    if not is_uri(cfg.out):  # a set on an object store gets its sample sheet where it is mounted / read
+        write_grid(cfg.out, ds_meta)
     return DistillResult(writer.out, rows, secs, made / secs if made else 0.0, len(todo), len(shards) - len(todo))
 
 
-def _commit_arrivals(batches: Iterator[dict], writer: DistilledSetWriter, todo: list[Shard], n_shards: int,
-                     t0: float, progress: Callable[[str], None] | None) -> int:
-    """Commit each shard of ``todo`` once all its images arrived; returns the images made.
+def _commit_arrivals(batches: Iterator[dict], writer: DistilledSetWriter | StoreSetWriter, todo: list[Shard],
+                     n_shards: int, t0: float, progress: Callable[[str], None] | None) -> int:
+    """Commit each shard of ``todo`` once all its images (with ``write_from_workers``: all its manifest rows, the
+    PNGs being in place) arrived; returns the images made.
 
     A shard that arrives again after its commit (its task was retried on a restarted actor) is ignored, and said so
     in one progress line."""
@@ -139,7 +155,10 @@ def _commit_arrivals(batches: Iterator[dict], writer: DistilledSetWriter, todo: 
                 by_index = pending.pop(sid)
                 got = [by_index[k] for k in sorted(by_index)]
                 del expected[sid]
-                writer.commit(sid, [r for r, _ in got], [p for _, p in got])
+                if isinstance(writer, StoreSetWriter):
+                    writer.commit_rows(sid, [r for r, _ in got])
+                else:
+                    writer.commit(sid, [r for r, _ in got], [p for _, p in got])
                 made += len(got)
                 committed += 1
                 if progress:

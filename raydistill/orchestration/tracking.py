@@ -45,9 +45,14 @@ def check_tracking_uri(uri: str) -> None:
         raise UserError(f"the folder of the MLflow database {uri!r} does not exist", fix)
 
 
+def set_place(out: str | Path) -> str:
+    """Where a set lives: its absolute folder, or its URI (an object store, ``raydistill.storage``) as given."""
+    return str(out) if "://" in str(out) else str(Path(out).resolve())
+
+
 def set_id(out: str | Path) -> str:
-    """A set's identity in MLflow: a hash of its absolute folder (a tag value safe in filter strings)."""
-    return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+    """A set's identity in MLflow: a hash of :func:`set_place` (a tag value safe in filter strings)."""
+    return hashlib.sha256(set_place(out).encode()).hexdigest()[:16]
 
 
 class SetRun:
@@ -65,7 +70,7 @@ class SetRun:
         stale = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`{SET_ID_TAG}` = '{sid}' and "
                                         "attributes.status = 'RUNNING'")
         run = self.client.create_run(exp.experiment_id, start_time=int(start_s * 1000), run_name=run_name,
-                                     tags={**tags, SET_TAG: str(Path(out).resolve()), SET_ID_TAG: sid})
+                                     tags={**tags, SET_TAG: set_place(out), SET_ID_TAG: sid})
         self.run_id = run.info.run_id
         for r in stale:  # a driver killed while it ran this set
             self.client.set_tag(r.info.run_id, NOTE_TAG, f"its driver ended without finishing it (killed?); "
@@ -93,6 +98,22 @@ class SetRun:
         self.client.set_tag(self.run_id, NOTE_TAG, (str(error).strip().splitlines() or [type(error).__name__])[-1]
                             [:500])
         self.client.set_terminated(self.run_id, status)
+
+
+def phase_prefix(phase: int, n_phases: int) -> str:
+    """The metric-name prefix of a fine-tune phase: none for a single phase, else ``phaseNN_``."""
+    return "" if n_phases == 1 else f"phase{phase:02d}_"
+
+
+def log_step_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log ``metrics`` at ``step`` into the run ``run_id`` (from any process: a Ray task logs into the driver's
+    run). Several tasks may write one sqlite store at once; sqlite serialises them (each waits for the lock)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    _quiet()
+    now = int(time.time() * 1000)
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):

@@ -275,30 +275,15 @@ class PhaseTrainer:
         return {n: v.detach().cpu() for n, v in ema.items()}
 
 
-def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cfg: FinetuneConfig,
-             labels: Sequence[int] | None = None, model_size: str | None = None, device: str | None = None,
-             progress: Callable[[str], None] | None = None,
-             on_metrics: Callable[[dict[str, float], int, int], None] | None = None) -> dict:
-    """Fine-tune every phase of ``labels`` (default: all classes of ``ds``) into ``out``; returns the index.
-
-    Resumable: finished phases are skipped, an interrupted one continues from its ``state.pt``.
-    ``on_metrics(metrics, step, phase)`` receives the logged loss averages (MLflow curves).
-    """
-    from safetensors.torch import save_file
-
-    from raydistill.methods.minimax.difffit import apply_difffit, embedders_tied, gamma_blocks_of, trainable_state
-    from raydistill.models.dit import dit_config_of
-    from raydistill.models.dit_convert import load_dit
-    from raydistill.models.vae import load_vae
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def open_finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cfg: FinetuneConfig,
+                  labels: Sequence[int] | None = None, model_size: str | None = None) -> dict:
+    """Write (or, on a rerun with the same base model and classes, keep) the unfinished index of a fine-tune of
+    ``labels`` (default: all classes of ``ds``) into ``out``; returns it. Another base or other classes: UserError."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = list(range(ds.num_classes)) if labels is None else [int(c) for c in labels]
-    say = progress or (lambda m: None)
     base = {"path": str(Path(dit_path).resolve()), "sha256": path_digest(dit_path), "model_size": model_size,
             "vae": str(Path(vae_path).resolve())}
-    codec = load_vae(vae_path, image_size=ds.image_size, device=dev).requires_grad_(False)
     phases = phase_chunks(labels, cfg)
     index = {"format": "raydistill-minimax-1", "dataset": ds.name, "base": base, "config": asdict(cfg),
              "phases": [{"dir": f"phase-{p:02d}", "labels": ch, "class_names": [ds.class_names[c] for c in ch],
@@ -310,37 +295,93 @@ def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cf
             raise UserError(f"{out} holds a fine-tune of another base model or other classes",
                             "pass another --out, or delete that folder to start over")
     atomic_write_text(out / INDEX_FILE, json.dumps({**index, "complete": False}, indent=1))
-    if len(phases) > 1:
-        say(f"{len(labels)} classes > {cfg.max_classes}: {len(phases)} phases of up to {cfg.phase_size} classes")
-    for p, chunk in enumerate(phases):
-        pdir = out / index["phases"][p]["dir"]
-        if (pdir / "ema.safetensors").exists() and (pdir / "finetune.json").exists():
-            say(f"phase {p}: already done")
-            continue
-        t_start = time.time()
-        model = load_dit(dit_path, size=model_size, device=dev)
-        depth = len(model.transformer_blocks)
-        gb = list(range(cfg.gamma_blocks)) if cfg.gamma_blocks is not None else None
-        apply_difffit(model, gb)
-        n_train = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
-        trainer = PhaseTrainer(model, codec, ds, chunk, cfg, pdir, phase=p, base=base, device=dev)
-        say(f"phase {p}: classes {[ds.class_names[c] for c in chunk]}, {len(trainer.positions)} images, "
-            f"{trainer.total_steps} steps ({trainer.steps_per_epoch} per epoch), {n_train:,} trainable parameters "
-            f"of {sum(p_.numel() for p_ in model.parameters()):,}")
-        ema = trainer.run(progress, None if on_metrics is None else (lambda m, s, _p=p: on_metrics(m, s, _p)))
-        save_file({k: v.contiguous() for k, v in ema.items()}, pdir / "ema.safetensors.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()},
-                  pdir / "model.safetensors")
-        info = {"phase": p, **index["phases"][p], "base": base, "dit": dit_config_of(model).to_dict(),
-                "depth": depth, "gamma_blocks": gamma_blocks_of(model), "tied_embedders": embedders_tied(model),
-                "trainable_parameters": n_train, "steps": trainer.total_steps, "config": asdict(cfg),
-                "device": str(dev), "seconds_last_session": round(time.time() - t_start, 1), "log": trainer.log}
-        atomic_write_text(pdir / "finetune.json", json.dumps(info, indent=1))
-        os.replace(pdir / "ema.safetensors.tmp", pdir / "ema.safetensors")
-        say(f"phase {p}: wrote {pdir / 'ema.safetensors'}")
-    index["complete"] = True
-    atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=1))
     return index
+
+
+def phase_done(out: str | Path, index: dict, p: int) -> bool:
+    """Phase ``p`` is committed: its ``ema.safetensors`` (renamed into place last) and ``finetune.json`` exist."""
+    pdir = Path(out) / index["phases"][p]["dir"]
+    return (pdir / "ema.safetensors").exists() and (pdir / "finetune.json").exists()
+
+
+def finetune_phase(ds, vae_path: str | Path, out: str | Path, index: dict, p: int, cfg: FinetuneConfig,
+                   device: str | torch.device | None = None, progress: Callable[[str], None] | None = None,
+                   on_metrics: Callable[[dict[str, float], int], None] | None = None) -> bool:
+    """Fine-tune phase ``p`` of ``index`` (from :func:`open_finetune`) into ``<out>/phase-NN``; False when it was
+    already done. Independent of the other phases (its own model, seeds from (seed, phase, step)), so phases may
+    run in any order or at once. Commit: ``finetune.json`` and ``model.safetensors`` first, then
+    ``ema.safetensors.tmp`` renamed to ``ema.safetensors`` (what :func:`phase_done` checks)."""
+    from safetensors.torch import save_file
+
+    from raydistill.methods.minimax.difffit import apply_difffit, embedders_tied, gamma_blocks_of, trainable_state
+    from raydistill.models.dit import dit_config_of
+    from raydistill.models.dit_convert import load_dit
+    from raydistill.models.vae import load_vae
+
+    say = progress or (lambda m: None)
+    out, phase = Path(out), index["phases"][p]
+    pdir = out / phase["dir"]
+    if phase_done(out, index, p):
+        say(f"phase {p}: already done")
+        return False
+    t_start = time.time()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = index["base"]
+    codec = load_vae(vae_path, image_size=ds.image_size, device=dev).requires_grad_(False)
+    model = load_dit(base["path"], size=base["model_size"], device=dev)
+    depth = len(model.transformer_blocks)
+    apply_difffit(model, list(range(cfg.gamma_blocks)) if cfg.gamma_blocks is not None else None)
+    n_train = sum(p_.numel() for p_ in model.parameters() if p_.requires_grad)
+    trainer = PhaseTrainer(model, codec, ds, phase["labels"], cfg, pdir, phase=p, base=base, device=dev)
+    say(f"phase {p}: classes {phase['class_names']}, {len(trainer.positions)} images, {trainer.total_steps} steps "
+        f"({trainer.steps_per_epoch} per epoch), {n_train:,} trainable parameters of "
+        f"{sum(p_.numel() for p_ in model.parameters()):,}")
+    ema = trainer.run(progress, on_metrics)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()},
+              pdir / "model.safetensors.tmp")
+    os.replace(pdir / "model.safetensors.tmp", pdir / "model.safetensors")
+    info = {"phase": p, **phase, "base": base, "dit": dit_config_of(model).to_dict(), "depth": depth,
+            "gamma_blocks": gamma_blocks_of(model), "tied_embedders": embedders_tied(model),
+            "trainable_parameters": n_train, "steps": trainer.total_steps, "config": asdict(cfg), "device": str(dev),
+            "seconds_last_session": round(time.time() - t_start, 1), "log": trainer.log}
+    atomic_write_text(pdir / "finetune.json", json.dumps(info, indent=1))
+    save_file({k: v.contiguous() for k, v in ema.items()}, pdir / "ema.safetensors.tmp")
+    os.replace(pdir / "ema.safetensors.tmp", pdir / "ema.safetensors")
+    say(f"phase {p}: wrote {pdir / 'ema.safetensors'}")
+    return True
+
+
+def close_finetune(out: str | Path, index: dict) -> dict:
+    """Mark the fine-tune complete once every phase is committed (:func:`phase_done`); returns the index."""
+    missing = [p for p in range(len(index["phases"])) if not phase_done(out, index, p)]
+    if missing:
+        raise RuntimeError(f"phases {missing} of the fine-tune in {out} are not done; rerun to resume")
+    index = {**index, "complete": True}
+    atomic_write_text(Path(out) / INDEX_FILE, json.dumps(index, indent=1))
+    return index
+
+
+def finetune(ds, dit_path: str | Path, vae_path: str | Path, out: str | Path, cfg: FinetuneConfig,
+             labels: Sequence[int] | None = None, model_size: str | None = None, device: str | None = None,
+             progress: Callable[[str], None] | None = None,
+             on_metrics: Callable[[dict[str, float], int, int], None] | None = None) -> dict:
+    """Fine-tune every phase of ``labels`` (default: all classes of ``ds``) into ``out``, one after another, in this
+    process; returns the index. (``orchestration.finetune_job`` runs the phases as parallel Ray tasks instead.)
+
+    Resumable: finished phases are skipped, an interrupted one continues from its ``state.pt``.
+    ``on_metrics(metrics, step, phase)`` receives the logged loss averages (MLflow curves).
+    """
+    say = progress or (lambda m: None)
+    index = open_finetune(ds, dit_path, vae_path, out, cfg, labels, model_size)
+    n = len(index["phases"])
+    if n > 1:
+        say(f"{sum(len(ph['labels']) for ph in index['phases'])} classes > {cfg.max_classes}: {n} phases of up to "
+            f"{cfg.phase_size} classes")
+    for p in range(n):
+        finetune_phase(ds, vae_path, out, index, p, cfg, device, progress,
+                       None if on_metrics is None else (lambda m, s, _p=p: on_metrics(m, s, _p)))
+    return close_finetune(out, index)
+
 
 def finetune_config_from(settings: dict) -> FinetuneConfig:
     """A :class:`FinetuneConfig` from a mapping, rejecting unknown keys as a UserError."""
