@@ -46,6 +46,7 @@ class DistillConfig:
     eval_nets: tuple[str, ...] = ("convnet",)
     num_evals: int = 1  # nets per network type; the default job stays under 15 min on 2 cores
     eval_epochs: int | None = None
+    teacher: str | None = None  # soft-label presets (rded): teacher checkpoint; None: the built-in one (Fashion-MNIST)
     baselines: tuple[str, ...] = ("random",)
     coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.evaluate.coverage)
     # output
@@ -87,6 +88,8 @@ class DistillConfig:
             dup = sorted({c for c in self.classes if list(self.classes).count(c) > 1})
             if dup:
                 raise UserError(f"class {dup[0]!r} is listed twice in classes", "name every class once")
+        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
+            raise UserError(f"teacher must be a checkpoint path, got {self.teacher!r}", "pass --teacher PATH")
         if self.published:
             from raydistill.reproduce import check_published
 
@@ -118,7 +121,7 @@ class DistillConfig:
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
         skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
-                "plugins", "allow_other_split", "published"}
+                "plugins", "allow_other_split", "published", "teacher"}
         return {k: v for k, v in self.to_dict().items() if k not in skip}
 
     def fingerprint(self) -> str:
