@@ -138,3 +138,14 @@ def test_missing_builtin_teacher_names_the_command_that_trains_it(tmp_path, monk
     assert "built-in Fashion-MNIST teacher" in err.value.problem and "`raydistill teacher`" in err.value.fix
     assert "\n" not in str(err.value)
     assert soft.teacher_path(get_preset("rded", teacher="x.pt"), "fashion-mnist") == Path("x.pt")
+
+
+def test_evaluate_command_passes_the_teacher(tmp_path, teacher, capsys) -> None:
+    from raydistill.distill import distill_local
+
+    out = tmp_path / "set"
+    distill_local(DistillConfig(dataset="digits", method="random", ipc=2, out=str(out), baselines=()))
+    argv = ["evaluate", str(out), "--dataset", "digits", "--eval-preset", "rded", "--eval-epochs", "2"]
+    assert main([*argv, "--teacher", str(teacher)]) == 0
+    text = capsys.readouterr().out
+    assert f"teacher convnet3 ({teacher})" in text and "preset rded" in text
