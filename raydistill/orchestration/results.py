@@ -3,8 +3,8 @@
 Evaluations accumulate, keyed by (preset, net, seed, epochs) and, for a soft-label preset (``rded``), the teacher's
 content hash (:func:`eval_key`): a rerun with another preset, epoch count or teacher adds its results next to the
 earlier ones, and a rerun that asks for a key already there with the same number of nets reuses it instead of training
-again. ``images_per_s`` and ``seconds_sample`` are those of the run that
-sampled images; a rerun that only resumed finished shards keeps them. A rerun with nothing to add (finished set, every
+again. ``images_per_s`` and ``seconds_sample`` are those of the run that sampled images; a rerun that only resumed
+finished shards keeps them. A rerun with nothing to add (finished set, every
 asked evaluation present) writes nothing and logs no MLflow run (:func:`has_work`), so it also works on a read-only
 output root. ``metrics`` holds the flat view of the current settings that the MLflow run logs
 (``acc_<preset>_<net>_mean``/``_std``, as tune trials do; the epochs are in the run's params) and, for a soft-label
