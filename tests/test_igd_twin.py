@@ -165,6 +165,14 @@ def test_fast_twin_at_batch_2_gives_each_image_its_reference_gradient(gen, traj,
         assert float((both[r] - one[0]).norm() / one.norm()) < 1e-5
 
 
+def test_twin_chain_is_independent_of_the_batch(gen, traj, real) -> None:
+    """The twin draws its own per-image noise: a batch of two samples each image as it is sampled alone."""
+    both, _ = _ours(gen, traj, real, [1, 0], "fast", twin=True)
+    for r, c in enumerate((1, 0)):
+        alone, _ = _ours(gen, traj, real, [c], "fast", twin=True)
+        torch.testing.assert_close(both[r], alone[0], rtol=1e-4, atol=1e-4)
+
+
 def test_twin_mode_parameter_and_its_checks() -> None:
     assert twin_on(IgdParams(igd_impl="reference")) and not twin_on(IgdParams())  # auto follows the impl
     assert twin_on(IgdParams(igd_twin="on")) and not twin_on(IgdParams(igd_impl="reference", igd_twin="off"))
