@@ -57,7 +57,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="import a module or .py file that registers method parts (docs/METHODS.md, \"Adding a "
                    "method\"); repeatable")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-preset", help="dc (default), dsa, idc, igd")
+    g.add_argument("--eval-preset", help="dc (default), dsa, idc, igd, rded (soft labels from a teacher: --teacher)")
+    g.add_argument("--teacher", help="rded: the teacher checkpoint (.safetensors from `raydistill teacher`, or a .pt "
+                   "state dict; default for Fashion-MNIST: the built-in teacher)")
     g.add_argument("--eval-nets", type=_csv, help="comma-separated nets: convnet, resnet_ap10, resnet18")
     g.add_argument("--num-evals", type=int, help="nets per network type (default 1; 5 for a real estimate)")
     g.add_argument("--eval-epochs", type=_positive_int, help="override the preset's epochs (quick runs)")
@@ -83,7 +85,7 @@ def _config(a: argparse.Namespace, **extra):
 
     keys = ["dataset", "data_root", "image_size", "classes", "nclass", "phase", "allow_other_split", "model",
             "model_size", "vae",
-            "eval_preset", "eval_nets", "num_evals", "eval_epochs", "seed", "ipc"]
+            "eval_preset", "eval_nets", "num_evals", "eval_epochs", "teacher", "seed", "ipc"]
     keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
              if hasattr(a, k)]
     if getattr(a, "write_from_workers", False):
@@ -136,7 +138,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(f"{a.dir}: {len(x)} images, {len(labels)} classes, {tuple(x.shape[1:])}")
     for net in cfg.eval_nets:
         r = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=cfg.eval_epochs,
-                            progress=_log)
+                            progress=_log, teacher=cfg.teacher)
         print(f"{net}: {r.reported_mean:.2f} +- {r.reported_std:.2f} ({r.report}, {r.num_nets} nets, "
               f"preset {r.preset})")
     return 0

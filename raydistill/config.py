@@ -46,6 +46,7 @@ class DistillConfig:
     eval_nets: tuple[str, ...] = ("convnet",)
     num_evals: int = 1  # nets per network type; the default job stays under 15 min on 2 cores
     eval_epochs: int | None = None
+    teacher: str | None = None  # soft-label presets (rded): teacher checkpoint; None: the built-in one (Fashion-MNIST)
     baselines: tuple[str, ...] = ("random",)
     coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.evaluate.coverage)
     # output
@@ -98,6 +99,8 @@ class DistillConfig:
             if is_uri(self.out) and not self.write_from_workers:
                 raise UserError(f"the output {self.out!r} is a URI, which only the sampler actors can write to",
                                 "pass --write-from-workers (config key write_from_workers: true), or a local path")
+        if self.teacher is not None and (not isinstance(self.teacher, str) or not self.teacher):
+            raise UserError(f"teacher must be a checkpoint path, got {self.teacher!r}", "pass --teacher PATH")
         if self.published:
             from raydistill.reproduce import check_published
 
@@ -129,8 +132,14 @@ class DistillConfig:
     def generation_key(self) -> dict[str, Any]:
         """The fields that determine the generated images (evaluation settings excluded)."""
         skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
-                "plugins", "allow_other_split", "published", "write_from_workers"}
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+                "plugins", "allow_other_split", "published", "write_from_workers", "teacher"}
+        key = {k: v for k, v in self.to_dict().items() if k not in skip}
+        extra = key.get("extra") or {}
+        if extra.get("igd_impl") == "reference" and "igd_twin" not in extra:
+            # IGD's reference carries the unconditional twin since it became the default (igd_twin auto): such a set
+            # must not resume one made before with one copy, so the resolved value is part of its key
+            key["extra"] = {**extra, "igd_twin": "on"}
+        return key
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.generation_key(), sort_keys=True, default=str).encode()

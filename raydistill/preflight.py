@@ -19,13 +19,28 @@ IMAGE_SAMPLE = 16  # images per class a folder dataset has decoded before Ray st
 
 
 def check_eval(cfg: DistillConfig, ds: ClassDataset) -> None:
-    """An unknown evaluation preset or net fails now, not after sampling."""
+    """An unknown evaluation preset or net fails now, not after sampling; so does, for a soft-label preset (``rded``),
+    a missing, unreadable or mismatched teacher (``prepare_teacher``: the checkpoint, its channels, size, classes
+    and normalisation), and a ``--teacher`` given to a hard-label preset."""
     from raydistill.evaluate.presets import get_preset
     from raydistill.models.evalnets import build_eval_net
 
     preset = get_preset(cfg.eval_preset)
+    size = preset.size or ds.image_size
     for net in cfg.eval_nets:
-        build_eval_net(net, ds.channels, ds.num_classes, preset.size or ds.image_size)
+        build_eval_net(net, ds.channels, ds.num_classes, size)
+    if preset.labels != "soft":
+        if cfg.teacher is not None:
+            raise UserError(f"--teacher is read only by soft-label presets, not by {preset.name!r}",
+                            "pass --eval-preset rded, or leave --teacher out")
+        return
+    from raydistill.distill import selected_labels
+    from raydistill.evaluate.soft_label import prepare_teacher
+
+    soft = get_preset(preset, teacher=cfg.teacher) if cfg.teacher is not None else preset
+    labels = selected_labels(cfg, ds)
+    for net in cfg.eval_nets:
+        prepare_teacher(soft, net, ds.channels, size, len(labels), ds, labels)
 
 
 def check_weights(folder: Path, what: str, model_class) -> None:

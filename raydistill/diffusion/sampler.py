@@ -62,24 +62,51 @@ def dit_denoiser(model, pad_to: int = 8) -> Denoiser:
     return run
 
 
-def cfg_predict(denoiser: Denoiser, s: Schedule, x: torch.Tensor, i: int, y: torch.Tensor, null_label: int,
-                cfg: SamplerConfig) -> MeanVariance:
-    """One CFG-combined model evaluation at respaced index ``i``; returns eps, x0_hat, mean, log variance."""
+def _cfg_outputs(denoiser: Denoiser, s: Schedule, x: torch.Tensor, i: int, y: torch.Tensor, null_label: int,
+                 cfg: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(eps, v, eps_twin, v_twin)`` of one CFG evaluation of ``x``: the rows DiT's ``forward_with_cfg`` returns for
+    the conditional half (guided eps, conditional variance output) and for the unconditional twin (the same guided
+    channels, the unconditional eps on the other channels and the unconditional variance output). Without CFG
+    (scale 1) the twin's are the conditional ones."""
     b, c = x.shape[:2]
     t = torch.full((b,), int(s.timestep_map[i]), device=x.device, dtype=torch.long)
     if cfg.cfg_scale == 1.0:
         out = denoiser(x, t, y)
         eps, v = out[:, :c], out[:, c:]
+        eps_twin, v_twin = eps, v
     else:
         out = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
         out_c, out_u = out[:b], out[b:]
-        eps_c, eps_u, v = out_c[:, :c], out_u[:, :c], out_c[:, c:]
+        eps_c, eps_u, v, v_twin = out_c[:, :c], out_u[:, :c], out_c[:, c:], out_u[:, c:]
         k = c if cfg.cfg_channels is None else cfg.cfg_channels
         guided = eps_u[:, :k] + cfg.cfg_scale * (eps_c[:, :k] - eps_u[:, :k])
         eps = torch.cat([guided, eps_c[:, k:]], dim=1) if k < c else guided
+        eps_twin = torch.cat([guided, eps_u[:, k:]], dim=1) if k < c else guided
     if v.shape[1] == 0:  # fixed-variance model: use the posterior variance (ADM "fixed small")
-        v = -torch.ones_like(eps)
+        v = v_twin = -torch.ones_like(eps)
+    return eps, v, eps_twin, v_twin
+
+
+def cfg_predict(denoiser: Denoiser, s: Schedule, x: torch.Tensor, i: int, y: torch.Tensor, null_label: int,
+                cfg: SamplerConfig) -> MeanVariance:
+    """One CFG-combined model evaluation at respaced index ``i``; returns eps, x0_hat, mean, log variance."""
+    eps, v, _, _ = _cfg_outputs(denoiser, s, x, i, y, null_label, cfg)
     return mean_variance(s, x, i, eps, v)
+
+
+def cfg_predict_twin(denoiser: Denoiser, s: Schedule, x: torch.Tensor, twin: torch.Tensor, i: int, y: torch.Tensor,
+                     null_label: int, cfg: SamplerConfig) -> tuple[MeanVariance, MeanVariance]:
+    """:func:`cfg_predict` of ``x`` and the prediction for its unconditional twin latent ``twin`` (IGD as released,
+    spec 2.2): DiT runs on ``x`` only, the twin's x0_hat and mean use its own latent with the twin row of
+    :func:`_cfg_outputs` (so its x0_hat is differentiable w.r.t. ``x`` through the model)."""
+    eps, v, eps_twin, v_twin = _cfg_outputs(denoiser, s, x, i, y, null_label, cfg)
+    return mean_variance(s, x, i, eps, v), mean_variance(s, twin, i, eps_twin, v_twin)
+
+
+def twin_seed(seed: int) -> int:
+    """The noise seed of an image's unconditional twin: derived from, and distinct from, the image's own seed."""
+    state = np.random.SeedSequence([int(seed), 1]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
 def _noise(gens: Sequence[torch.Generator], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
@@ -113,6 +140,11 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
     idx = (image_indices if image_indices is not None else torch.zeros_like(cls)).to(device).long()
     gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
     x = _noise(gens, latent_shape, device, torch.float32)
+    twin = None  # the unconditional twin latent a term asked for (``uses_twin``); it starts as the image's x_T
+    if any(getattr(term, "uses_twin", False) for term in terms):
+        if cfg.sampler != "ddpm":
+            raise ValueError("the unconditional twin is defined for the ancestral DDPM sampler only")
+        twin, twin_gens = x.clone(), [torch.Generator().manual_seed(twin_seed(int(sd))) for sd in seeds]
     n = len(schedule)
     finite: list[tuple[str, torch.Tensor]] = []
     for i in reversed(range(n)):
@@ -120,7 +152,10 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
         grad = any(term.needs_grad(i) for term in active)
         with torch.enable_grad() if grad else torch.no_grad():
             x_in = x.detach().requires_grad_(grad)
-            mv = cfg_predict(denoiser, schedule, x_in, i, y, null_label, cfg)
+            if twin is None:
+                mv, mv_twin = cfg_predict(denoiser, schedule, x_in, i, y, null_label, cfg), None
+            else:
+                mv, mv_twin = cfg_predict_twin(denoiser, schedule, x_in, twin, i, y, null_label, cfg)
             if cfg.sampler == "ddpm":
                 step_mean = mv.mean
             else:
@@ -130,7 +165,8 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
                 ctx = StepContext(i=i, x_t=x_in, eps=mv.eps, x0_hat=mv.x0_hat, mean=mv.mean,
                                   log_variance=mv.log_variance, alpha_bar=schedule.at("alphas_cumprod", i, x_in),
                                   dit_labels=y, class_labels=cls, image_indices=idx, sampler=cfg.sampler,
-                                  alpha_bar_prev=schedule.at("alphas_cumprod_prev", i, x_in))
+                                  alpha_bar_prev=schedule.at("alphas_cumprod_prev", i, x_in),
+                                  x0_hat_twin=None if mv_twin is None else mv_twin.x0_hat)
                 for term in active:
                     delta = term.delta(ctx).detach()
                     finite.append((term.name, torch.isfinite(delta).all()))  # read only if x is not finite
@@ -138,6 +174,10 @@ def sample(denoiser: Denoiser, schedule: Schedule, dit_labels: torch.Tensor, see
         x = step_mean.detach()
         if cfg.sampler == "ddpm" and i > 0:
             x = x + mv.sigma.detach() * _noise(gens, latent_shape, device, x.dtype)
+        if mv_twin is not None:  # unguided, with its own noise (the released code's row 1 of the CFG batch)
+            twin = mv_twin.mean.detach()
+            if i > 0:
+                twin = twin + mv_twin.sigma.detach() * _noise(twin_gens, latent_shape, device, twin.dtype)
         if not bool(torch.isfinite(x).all()):
             _non_finite(n - i, n, i, mv, finite)
         finite = []

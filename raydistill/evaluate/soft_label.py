@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ __all__ = [
     "shuffle_patches",
     "soft_label_loss",
     "teacher_columns",
+    "teacher_path",
     "train_student",
 ]
 
@@ -288,6 +290,21 @@ def _new_student(net: str, channels: int, num_classes: int, size: int, seed: int
     return model.to(device)
 
 
+def teacher_path(preset: EvalPreset, dataset_name: str | None) -> Path:
+    """The checkpoint a soft preset reads: the preset's ``teacher``, else the built-in one for Fashion-MNIST
+    (:data:`BUILTIN_TEACHER`). No teacher, or a missing built-in one, is one :class:`UserError` line."""
+    if preset.teacher is not None:
+        return Path(preset.teacher)
+    if dataset_name != "fashion-mnist":
+        raise UserError(f"the {preset.name} preset needs a teacher for dataset {dataset_name or '(tensors)'}",
+                        "pass a teacher (--teacher PATH, or the preset's teacher=PATH) trained on the full "
+                        "training set (`raydistill teacher --out PATH`)")
+    if not BUILTIN_TEACHER.is_file():
+        raise UserError(f"the built-in Fashion-MNIST teacher {BUILTIN_TEACHER} is missing",
+                        "train it with `raydistill teacher` (or pass --teacher PATH)")
+    return BUILTIN_TEACHER
+
+
 def prepare_teacher(preset: EvalPreset, net: str, channels: int, size: int, num_classes: int, dataset: Any = None,
                     classes: Sequence[int] | None = None, device: str | torch.device = "cpu",
                     teacher: Teacher | None = None) -> tuple[Teacher, list[int] | None]:
@@ -296,13 +313,8 @@ def prepare_teacher(preset: EvalPreset, net: str, channels: int, size: int, num_
     classes and normalisation, and which of its outputs are the student's classes. Reads only; use it as the
     preflight of a job (it raises the same one-line errors the evaluation would)."""
     build_teacher_net(net, channels, num_classes, size)  # a bad student name fails before the teacher is read
-    name = getattr(dataset, "name", None)
     if teacher is None:
-        path = preset.teacher or (BUILTIN_TEACHER if name == "fashion-mnist" else None)
-        if path is None:
-            raise UserError(f"the {preset.name} preset needs a teacher for dataset {name or '(tensors)'}",
-                            "pass a teacher (--teacher PATH, or the preset's teacher=PATH) trained on the full "
-                            "training set (`raydistill teacher --out PATH`)")
+        path = teacher_path(preset, getattr(dataset, "name", None))
         mean, std = channel_stats(preset.mean, preset.std, channels)
         teacher = load_teacher(path, channels, size, net=preset.teacher_net or net, mean=mean, std=std, device=device)
     if dataset is not None and teacher.meta and teacher.meta.get("classes") != list(dataset.class_names):

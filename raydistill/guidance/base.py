@@ -4,7 +4,9 @@ A term sees a :class:`StepContext` and returns a tensor added to the step's mean
 which is the same as adding it to ``x_{t-1}``; DDIM: to the deterministic update). Terms that need gradients
 through the model (IGD's influence term) ask for them with ``needs_grad(i)``: the sampler then runs the denoiser
 with ``x_t.requires_grad_()`` so ``ctx.x0_hat`` carries the graph from ``ctx.x_t``.
-Stateful terms (IGD's deviation memory) learn about finished images through ``on_images_done``.
+Stateful terms (IGD's deviation memory) learn about finished images through ``on_images_done``. A term with the
+attribute ``uses_twin = True`` gets ``ctx.x0_hat_twin``, the x0_hat of each image's unconditional CFG twin (IGD as
+released; :mod:`raydistill.diffusion.sampler`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class StepContext:
     image_indices: torch.Tensor  # [B] index k of each image within its class
     sampler: str  # "ddpm" or "ddim"
     alpha_bar_prev: torch.Tensor | None = None  # [B, 1, 1, 1] respaced abar_{i-1} (1 at i = 0); DDIM terms need it
+    x0_hat_twin: torch.Tensor | None = None  # the unconditional twin's x0_hat, when a term ``uses_twin`` (sampler.py)
 
     @property
     def sigma(self) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Stages per set: sample (Ray Data over an actor pool) -> evaluate (a Ray task per set, on a GPU when the cluster has
 one) -> MLflow run with params, metrics (accuracy per net and preset, mean and std, images/s, seconds per stage) and
-artifacts (grid.png, manifest.parquet, metrics.json).
+artifacts (grid.png, manifest.parquet, metrics.json). A soft-label preset (``rded``) also records ``label_mode``,
+``teacher``, ``teacher_sha256``, ``teacher_net`` (params) and ``teacher_test_acc`` (metric).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _evaluate_task(out: str, cfg_dict: dict, net: str, threads: int) -> dict:
     ds = open_dataset(cfg)
     x, y = load_distilled(out, ds, selected_labels(cfg, ds), ipc=cfg.ipc)
     res = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=cfg.eval_epochs,
-                          progress=lambda m: print(f"[eval {Path(out).name} {net}] {m}", flush=True))
+                          progress=lambda m: print(f"[eval {Path(out).name} {net}] {m}", flush=True),
+                          teacher=cfg.teacher)
     return res.to_dict()
 
 
@@ -61,7 +63,7 @@ def run_main_job(cfg: DistillConfig, root: str | Path, address: str | None = Non
     with nothing to add writes nothing). A UserError raised inside a Ray actor or task is re-raised here as itself
     (one clear line at the CLI); the runs of a job that fails are marked FAILED (tracking.py)."""
     from raydistill.orchestration.pipeline import check_actor_resources
-    from raydistill.orchestration.results import has_work, read_results
+    from raydistill.orchestration.results import has_work, label_params, read_results
     from raydistill.orchestration.runtime import ray_session
     from raydistill.orchestration.tracking import SetRun, check_tracking_uri, default_tracking_uri
     from raydistill.reproduce import expected_tags
@@ -72,7 +74,7 @@ def run_main_job(cfg: DistillConfig, root: str | Path, address: str | None = Non
     sets = set_configs(cfg, root)
     prev = {m: read_results(c.out) for m, c in sets.items()}
     t_start = time.time()
-    runs = {m: SetRun(tracking_uri, c.out, f"{c.method}-ipc{c.ipc}-{c.dataset}", c.flat_params(),
+    runs = {m: SetRun(tracking_uri, c.out, f"{c.method}-ipc{c.ipc}-{c.dataset}", {**c.flat_params(), **label_params(c)},
                       {"method": c.method, "dataset": c.dataset, **expected_tags(c)}, t_start)
             for m, c in sets.items() if has_work(c, prev[m])}
     try:
@@ -164,7 +166,7 @@ def _track_set(c: DistillConfig, sampled: tuple[float, float, int], evals: dict,
                run) -> SetReport:
     """Stage 3: finish the set's MLflow run (params, metrics, artifacts), then write metrics.json next to the set;
     with no run (nothing changed) the set's stored results are reported as they are."""
-    from raydistill.orchestration.results import current_evals, merged, write_results
+    from raydistill.orchestration.results import current_evals, merged, teacher_net_param, write_results
 
     evals = dict(evals)
     content = merged(c, prev, sampled, evals, evals.pop("coverage", None), eval_secs)
@@ -173,7 +175,7 @@ def _track_set(c: DistillConfig, sampled: tuple[float, float, int], evals: dict,
         text = json.dumps(content, indent=1)
         local = not is_uri(c.out)  # a set on an object store: its metrics.json is the MLflow run's only
         run.finish(content["metrics"], [Path(c.out) / "grid.png", Path(c.out) / "manifest.parquet"] if local else [],
-                   {"metrics.json": text})
+                   {"metrics.json": text}, teacher_net_param(c, content))
         if local:
             write_results(c.out, content)
         run_id = run.run_id

@@ -80,12 +80,15 @@ class SetRun:
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
-    def finish(self, metrics: dict[str, float], artifacts: list[Path], texts: dict[str, str]) -> None:
-        from mlflow.entities import Metric
+    def finish(self, metrics: dict[str, float], artifacts: list[Path], texts: dict[str, str],
+               params: dict[str, str] | None = None) -> None:
+        """Log ``metrics``, ``artifacts``, ``texts`` and params known only after the run (``params``), then end it."""
+        from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
         clean = {k.replace("+", "_").replace("/", "_"): float(v) for k, v in metrics.items() if v is not None}
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in clean.items()],
+                              params=[Param(k, v) for k, v in (params or {}).items()])
         for p in artifacts:
             if p.exists():
                 self.client.log_artifact(self.run_id, str(p))

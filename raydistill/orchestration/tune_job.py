@@ -83,10 +83,12 @@ def _trial(config: dict, space: TuneSpace, study_dir: str) -> None:
             tune.report({**base, space.metric: acc, "epoch": step, "seconds_eval": time.time() - t1})
 
     r = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=epochs, device=device,
-                        on_epoch=on_epoch, eval_every=space.eval_every or None)
+                        on_epoch=on_epoch, eval_every=space.eval_every or None, teacher=cfg.teacher)
     key = f"acc_{cfg.eval_preset}_{net}"
+    soft = {"teacher_test_acc": r.teacher_test_acc} if getattr(r, "labels", "hard") == "soft" else {}
     tune.report({**base, space.metric: r.reported_mean, "epoch": cfg.num_evals * epochs, "completed": 1.0,
-                 "seconds_eval": time.time() - t1, f"{key}_mean": r.reported_mean, f"{key}_std": r.reported_std})
+                 "seconds_eval": time.time() - t1, f"{key}_mean": r.reported_mean, f"{key}_std": r.reported_std,
+                 **soft})
 
 
 def _scheduler(space: TuneSpace, epochs: int):
@@ -123,6 +125,8 @@ def _callback(space: TuneSpace, study_dir: str, tracking_uri: str, experiment_id
     from mlflow import MlflowClient
     from ray.tune import Callback
 
+    from raydistill.orchestration.results import label_params
+
     client = MlflowClient(tracking_uri)
 
     class MlflowTrials(Callback):
@@ -135,7 +139,8 @@ def _callback(space: TuneSpace, study_dir: str, tracking_uri: str, experiment_id
                     "trial_id": trial.trial_id}
             run = client.create_run(experiment_id, tags=tags)
             self.runs[trial.trial_id] = run.info.run_id
-            params = cfg.with_(out=str(Path(study_dir) / "trials" / trial.trial_id)).flat_params()
+            params = {**cfg.with_(out=str(Path(study_dir) / "trials" / trial.trial_id)).flat_params(),
+                      **label_params(cfg)}
             for k, v in params.items():
                 client.log_param(run.info.run_id, k, v[:6000])
 
@@ -144,7 +149,7 @@ def _callback(space: TuneSpace, study_dir: str, tracking_uri: str, experiment_id
             step = int(result.get("epoch", 0))
             for k, v in result.items():
                 if k in (space.metric, "images_per_s", "seconds_sample", "seconds_eval", "seconds_setup",
-                         "shared_state_reused") or k.startswith("acc_"):
+                         "shared_state_reused", "teacher_test_acc") or k.startswith("acc_"):
                     client.log_metric(run_id, k, float(v), step=step)
 
         def _end(self, trial, status: str) -> None:

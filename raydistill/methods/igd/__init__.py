@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.errors import UserError
-from raydistill.methods.igd.guidance import DEFAULT_WINDOW, IMPLS, check_window
+from raydistill.methods.igd.guidance import DEFAULT_WINDOW, IMPLS, TWIN_MODES, check_window, twin_on
 from raydistill.methods.registry import Method, choice, integer, number, value
 
 
@@ -44,6 +44,9 @@ class IgdParams:
     igd_grad_ipc: int = integer(200, "real images per class for the class-mean gradients", low=1)
     igd_memory: int = integer(64, "deviation memory: the class's last N final latents", low=1)
     igd_impl: str = choice("fast", "fast (batched, one backward per step) or reference (batch 1, as released)", IMPLS)
+    igd_twin: str = choice("auto", "decode each image's unconditional CFG twin too, carried through the chain with "
+                           "its own noise (as released, spec 2.2): auto = on with reference, off with fast; on; off",
+                           TWIN_MODES)
     igd_refresh: int = integer(1, "compute the influence gradient every N window steps (1: exact; more: approximate, "
                                "cheaper)", low=1)
     igd_cache: str | None = value(None, "real-gradient cache folder (default <out>/../.igd)", _path)
@@ -52,6 +55,9 @@ class IgdParams:
         if self.igd_window[0] > cfg.steps - 1:
             raise UserError(f"IGD's window {list(self.igd_window)} lies outside the respaced steps 0..{cfg.steps - 1}",
                             "sample with 50 steps, or pass --set igd_window=[low,high] within the steps")
+        if twin_on(self) and cfg.sampler != "ddpm":
+            raise UserError(f"IGD's unconditional twin (igd_twin, on with igd_impl reference) needs the ddpm sampler, "
+                            f"not {cfg.sampler}", "pass --sampler ddpm, or --set igd_twin=off")
 
 
 def _check(cfg, p: IgdParams, ds) -> None:

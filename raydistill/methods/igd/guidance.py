@@ -9,6 +9,14 @@ Influence (Eq. 7, TracIn's cosine form). For image b of class c at respaced inde
     rho   = 0.0015 * RMS(eps_b) * sqrt(1 - abar_i) / RMS(g_inf)
     mean += -k * rho * g_inf                                   (RMS over all elements of image b; eps is CFG-combined)
 
+``twin`` (``igd_twin``; on by default with ``reference``): the released code decodes both rows of its CFG batch, the
+image and its unconditional twin (row 1: it starts at the same x_T, draws its own noise at every step and is never
+guided; its x0_hat uses its own latent and the twin row of DiT's ``forward_with_cfg``, i.e. the guided eps channels,
+the unconditional eps on the others and the unconditional variance, all from the model run on the image's latent).
+g_e is then the gradient of the CE averaged over the two rows, and the gradient is taken w.r.t. the doubled x with
+row 0 kept, i.e. w.r.t. x_t with the twin's latent held fixed (its x0_hat still depends on x_t through the DiT). The
+sampler carries the twin (``uses_twin``); without it (``igd_twin: off``, the ``fast`` default) one copy is decoded.
+
 ``reference`` follows the released code step by step: batch 1 and one ``autograd.grad`` to x_t per checkpoint (so the
 decoder and DiT backward runs E times). ``fast`` sums the losses of all checkpoints and all images of the batch and
 takes one ``autograd.grad`` (the per-image losses only depend on their own x_t, so the summed gradient holds every
@@ -45,6 +53,7 @@ from raydistill.errors import UserError
 from raydistill.guidance.base import StepContext
 
 IMPLS = ("fast", "reference")
+TWIN_MODES = ("auto", "on", "off")  # igd_twin: auto = on with reference, off with fast
 DEFAULT_WINDOW = (30, 45)  # spec 2.1 step 4: --low 30 --high 45 on the respaced 0-49 index
 STEP_CONSTANT = 0.0015  # spec 2.2: hard-coded ``out["l2"]`` factor
 
@@ -98,6 +107,8 @@ class InfluenceGuidance:
         scale: k. window: respaced indices [low, high], inclusive. impl: "fast" or "reference".
         refresh: recompute the gradient every ``refresh`` window steps and reuse its direction in between
             (approximate; 1, the default, is the exact term). See the module docstring.
+        twin: decode each image's unconditional CFG twin too and average the CE over both rows, as released (the
+            sampler carries the twin: ``uses_twin``). See the module docstring.
     """
 
     name = "igd-influence"
@@ -105,7 +116,7 @@ class InfluenceGuidance:
     def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], surrogate: nn.Module,
                  checkpoints: Sequence[Mapping[str, torch.Tensor]], real_grads: Mapping[int, torch.Tensor],
                  scale: float = 5.0, window: tuple[int, int] = DEFAULT_WINDOW, impl: str = "fast",
-                 step_constant: float = STEP_CONSTANT, refresh: int = 1) -> None:
+                 step_constant: float = STEP_CONSTANT, refresh: int = 1, twin: bool = False) -> None:
         if not checkpoints:
             raise UserError("IGD needs at least one surrogate checkpoint", "select epochs, e.g. igd_epochs: [0, 2, 5]")
         self.decode = decode
@@ -117,6 +128,7 @@ class InfluenceGuidance:
         self.impl = check_impl(impl)
         self.step_constant = float(step_constant)
         self.refresh = check_refresh(refresh)
+        self.uses_twin = bool(twin)
         self._grads_on: dict[tuple, torch.Tensor] = {}
         self._last: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (i, labels, indices, unit)
 
@@ -150,10 +162,14 @@ class InfluenceGuidance:
     def checkpoint_losses(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``(1 - cos(g_e(img_b), G_e)) / E`` for every image b and checkpoint e: [B, E], differentiable in images.
 
-        ``reference`` takes one image at a time (one ``autograd.grad`` per image and checkpoint, as released);
-        ``fast`` gets all per-image parameter gradients of a checkpoint at once with ``vmap(grad(...))``, batched
-        convolutions instead of B small ones (same values: tests/test_igd.py compares the two).
+        ``images`` is [B, C, H, W], or [B, R, C, H, W] for R decoded rows per image (the image and its twin): g_e is
+        then the gradient of the CE averaged over the R rows. ``reference`` takes one image at a time (one
+        ``autograd.grad`` per image and checkpoint, as released); ``fast`` gets all per-image parameter gradients of
+        a checkpoint at once with ``vmap(grad(...))``, batched convolutions instead of B small ones (same values:
+        tests/test_igd.py compares the two).
         """
+        if images.dim() == 4:
+            images = images[:, None]
         if self.impl == "fast":
             return self._batched_losses(images, labels)
         from torch.func import functional_call
@@ -162,11 +178,11 @@ class InfluenceGuidance:
         rows = []
         for b in range(images.shape[0]):
             real = self._real(int(labels[b]), images)
-            y = labels[b:b + 1].to(images.device)
+            y = labels[b:b + 1].to(images.device).expand(images.shape[1])
             row = []
             for e, ckpt in enumerate(self.checkpoints):
                 params = {k: v.detach().requires_grad_() for k, v in ckpt.items()}
-                loss = F.cross_entropy(functional_call(self.surrogate, params, (images[b:b + 1],)), y)
+                loss = F.cross_entropy(functional_call(self.surrogate, params, (images[b],)), y)
                 pg = torch.autograd.grad(loss, list(params.values()), create_graph=True)
                 row.append((1 - code_cosine(torch.cat([g.reshape(-1) for g in pg]), real[e])) / n_ck)
             rows.append(torch.stack(row))
@@ -175,8 +191,8 @@ class InfluenceGuidance:
     def _batched_losses(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, grad, vmap
 
-        def loss(params, image, label):  # one image: [C, H, W], label: []
-            return F.cross_entropy(functional_call(self.surrogate, params, (image[None],)), label[None])
+        def loss(params, image, label):  # one image's R rows: [R, C, H, W], label: []
+            return F.cross_entropy(functional_call(self.surrogate, params, (image,)), label.expand(image.shape[0]))
 
         labels = labels.to(images.device)
         real = torch.stack([self._real(int(c), images) for c in labels.tolist()])  # [B, E, P]
@@ -192,7 +208,14 @@ class InfluenceGuidance:
         """g_inf = grad_{x_t} of the influence loss, [B, c, h, w] (needs ``ctx.x0_hat`` built from ``ctx.x_t``)."""
         if not ctx.x_t.requires_grad:
             raise ValueError("the influence term needs x_t with requires_grad (the sampler sets it via needs_grad)")
-        images = self.decode(ctx.x0_hat)
+        if self.uses_twin:  # [B, 2, C, H, W]: each image and its twin, decoded as one batch (released: batch 2)
+            if ctx.x0_hat_twin is None:
+                raise ValueError("the twin influence term needs ctx.x0_hat_twin (the sampler sets it via uses_twin)")
+            b = ctx.x0_hat.shape[0]
+            both = self.decode(torch.cat([ctx.x0_hat, ctx.x0_hat_twin]))
+            images = torch.stack([both[:b], both[b:]], 1)
+        else:
+            images = self.decode(ctx.x0_hat)
         if self.impl == "fast":
             return torch.autograd.grad(self.checkpoint_losses(images, ctx.class_labels).sum(), ctx.x_t)[0]
         if ctx.x_t.shape[0] != 1:
@@ -319,6 +342,11 @@ def igd_preset(dataset: str, ipc: int, base: str = "dit") -> tuple[float, float]
     return table[below[-1] if below else rows[0]]
 
 
+def twin_on(p) -> bool:
+    """Whether a run carries the unconditional twin: ``igd_twin`` on, or auto with ``igd_impl: reference``."""
+    return p.igd_twin == "on" or (p.igd_twin == "auto" and p.igd_impl == "reference")
+
+
 def trajectory_path(cfg, ds, p) -> str:
     """The surrogate trajectory of a run: ``surrogate``, else the built-in one for Fashion-MNIST with its model."""
     if p.surrogate is not None:
@@ -354,6 +382,6 @@ def igd_terms(ctx, p) -> list:
                                                            else None)
     real = LazyClassMap(ctx.labels, lambda c: traj.real_gradients(ds, c, epochs, p.igd_grad_ipc, cache))
     influence = InfluenceGuidance(codec.decode, traj.net, [traj.params(e) for e in epochs], real, scale=k,
-                                  window=p.igd_window, impl=p.igd_impl, refresh=p.igd_refresh)
+                                  window=p.igd_window, impl=p.igd_impl, refresh=p.igd_refresh, twin=twin_on(p))
     return [DeviationGuidance(gamma=gamma, window=p.igd_window, memory_size=p.igd_memory, impl=p.igd_impl),
             influence]
