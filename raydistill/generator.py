@@ -78,10 +78,10 @@ class Generator:
         cls = torch.as_tensor(list(labels), dtype=torch.long)
         y = torch.as_tensor([self.dit_labels[int(c)] for c in labels], dtype=torch.long)
         with precision_scope(self.precision, self.device):  # the DiT, and the guidance terms' VAE and surrogate
-            return sample(dit_denoiser(self.forward or self.dit), self.schedule, y, self.seeds(labels, indices, seed),
-                          self.latent_shape, self.null_label, self.sampler, terms=terms, class_labels=cls,
-                          image_indices=torch.as_tensor(list(indices), dtype=torch.long), device=self.device,
-                          progress=progress)
+            return sample(dit_denoiser(self.dit if self.forward is None else self.forward), self.schedule, y,
+                          self.seeds(labels, indices, seed), self.latent_shape, self.null_label, self.sampler,
+                          terms=terms, class_labels=cls, image_indices=torch.as_tensor(list(indices), dtype=torch.long),
+                          device=self.device, progress=progress)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
