@@ -9,8 +9,8 @@ Sections, each printing its progress, each timing taken after a warm-up and betw
   VAE decode is timed once per batch. ``share_of_bf16_ceiling`` = DiT images/s x 50 steps x 2 (CFG) x GFLOPs per
   forward / the dense bf16 peak (990 TFLOP/s for an H100/H200: 42 DiT-XL/2 images/s).
 - ``igd``: IGD ``fast`` (influence with 4 ConvNet-6 checkpoints + deviation) against plain sampling at the same
-  batch, bf16 (fp32 in the CPU smoke mode), SD-sized VAE: every timed step inside the guidance window; per image = 34 plain + 16 guided steps
-  (the window [30, 45] of 50) + the decode.
+  batch, bf16 (fp32 in the CPU smoke mode), SD-sized VAE: every timed step inside the guidance window; per image
+  = 34 plain + 16 guided steps (the window [30, 45] of 50) + the decode.
 - ``eval``: ResNet-AP10 training images/s at 128 px (the ``idc`` preset's SGD, batch 256 of random images, no
   augmentation) in fp32, tf32, bf16.
 
