@@ -61,8 +61,9 @@ def test_auto_is_tf32_on_cuda_and_bf16_autocasts() -> None:
 def test_bf16_evaluation_on_cuda_learns(digits) -> None:
     from raydistill.evaluate.train import evaluate_synthetic
 
-    x, y = digits.load("train")
+    x = torch.cat([digits.load("train", label=c)[0][:30] for c in range(10)])
+    y = torch.arange(10).repeat_interleave(30)
     tx, ty = digits.load("test")
-    r = {p: evaluate_synthetic(x[:300].float() / 255, y[:300], tx.float() / 255, ty, net="convnet", num_nets=1,
-                               epochs=10, device="cuda", precision=p) for p in ("fp32", "bf16")}
-    assert r["bf16"].reported_mean > 50 and abs(r["bf16"].reported_mean - r["fp32"].reported_mean) < 10
+    r = {p: evaluate_synthetic(x.float() / 255, y, tx.float() / 255, ty, net="convnet", num_nets=1, epochs=30,
+                               device="cuda", precision=p) for p in ("fp32", "bf16")}
+    assert r["bf16"].reported_mean > 50 and abs(r["bf16"].reported_mean - r["fp32"].reported_mean) < 15
