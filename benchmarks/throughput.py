@@ -1,9 +1,9 @@
 """Throughput on the built-in model, measured side by side in one run: sampling images/s by batch size, the cost
 per image of each guided method against plain sampling (IGD fast / reference, MGD3, MGD3+IGD), the Ray pipeline
 against the in-process core on the same work, 1 vs 2 sampler actors, and evaluation epochs/s of the on-device batched
-loop against a per-image DataLoader pipeline of the same protocol.
+loop against a per-image DataLoader pipeline of the same protocol. The GPU figures: ``benchmarks/gpu_check.sh``.
 
-    python benchmarks/throughput.py [--sections sampling,methods,ray,eval,gpu] [--images 40]
+    python benchmarks/throughput.py [--sections sampling,methods,ray,job,eval] [--images 40]
 """
 
 from __future__ import annotations
@@ -82,91 +82,6 @@ def method_costs(batch: int, rounds: int, surrogate: str | None, refresh: tuple[
     ratios["igd_reference_vs_fast_b1"] = res["igd_reference_b1"] / res["igd_fast_b1"]
     print(f"igd reference / fast at batch 1: {ratios['igd_reference_vs_fast_b1']:.2f}x", flush=True)
     return {"seconds_per_image": res, "ratios": ratios, "rounds": rounds, "batch": batch}
-
-
-# Dense TF32 tensor-core peaks (SXM parts, no sparsity).
-PEAK_TFLOPS = {"H100": 494.7, "H200": 494.7, "A100": 156.0}
-
-
-def dit_forward_gflops(size: str = "XL/2", px: int = 256) -> float:
-    """FLOPs (2 per multiply-add, as ``torch.utils.flop_counter`` counts them) of one DiT forward on one image, counted
-    on the meta device (no memory, no compute). DiT-XL/2 at 256 px: 237.3 GFLOPs, twice the paper's 118.6 "Gflops"
-    (DiT Table 4), which count multiply-adds."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from raydistill.models.dit import DiTConfig, build_dit
-
-    with torch.device("meta"):
-        dit = build_dit(DiTConfig(size=size, input_size=px // 8, in_channels=4, num_classes=1000))
-        latent, step_or_label = torch.zeros(1, 4, px // 8, px // 8), torch.zeros(1, dtype=torch.long)
-        with FlopCounterMode(display=False) as counter:
-            dit(latent, step_or_label, step_or_label)
-    return counter.get_total_flops() / 1e9
-
-
-def gpu_section(batch_sizes: list[int], smoke: bool = False) -> dict:
-    """DiT-XL/2 with random weights and an SD-sized VAE decoder on the GPU: plain and IGD-guided images/s, and the
-    share of the GPU's dense TF32 ceiling the plain sampler's DiT FLOPs reach. ``smoke`` runs tiny stand-ins on the
-    CPU to check the code path."""
-    from diffusers import AutoencoderKL
-
-    from raydistill.diffusion.sampler import SamplerConfig, dit_denoiser, sample
-    from raydistill.diffusion.schedule import Schedule
-    from raydistill.methods.igd.guidance import DeviationGuidance, InfluenceGuidance
-    from raydistill.models.dit import DiTConfig, build_dit
-    from raydistill.models.evalnets import build_eval_net
-    from raydistill.models.vae import LatentCodec
-
-    if not smoke and not torch.cuda.is_available():
-        print("gpu section: no GPU here, skipped", flush=True)
-        return {"skipped": "no GPU"}
-    dev = torch.device("cpu" if smoke else "cuda")
-    torch.backends.cuda.matmul.allow_tf32 = True  # as the released samplers
-    torch.backends.cudnn.allow_tf32 = True
-    size, px = ("test", 32) if smoke else ("XL/2", 256)
-    dit = build_dit(DiTConfig(size=size, input_size=px // 8, in_channels=4, num_classes=1000)).to(dev).eval()
-    blocks = (8, 8, 8, 8) if smoke else (128, 256, 512, 512)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=blocks, layers_per_block=2, latent_channels=4, sample_size=px,
-                        norm_num_groups=8 if smoke else 32)
-    codec = LatentCodec(vae.to(dev)).eval()
-    surrogate = build_eval_net("convnet6" if not smoke else "convnet3", 3, 10, px).to(dev).eval()
-    ckpts = [{k: v.detach().clone() for k, v in surrogate.named_parameters()} for _ in range(4)]
-    n_params = sum(p.numel() for p in surrogate.parameters())
-    real = {c: torch.randn(4, n_params, device=dev) for c in range(10)}
-    schedule, sc = Schedule.linear(1000, 50), SamplerConfig(cfg_scale=4.0, cfg_channels=3)
-    res: dict = {"device": torch.cuda.get_device_name() if not smoke else "cpu (smoke)",
-                 "dit_gflops_per_forward": dit_forward_gflops(size, px)}
-    rgb_decode = lambda z: codec.decode(z)  # noqa: E731
-    for b in batch_sizes:
-        for name, terms in (("plain", []), ("igd_fast", [DeviationGuidance(gamma=50.0), InfluenceGuidance(
-                rgb_decode, surrogate, ckpts, real, scale=5.0)])):
-            def run(b=b, terms=terms):
-                y = torch.arange(b) % 10
-                return sample(dit_denoiser(dit), schedule, y, list(range(b)), (4, px // 8, px // 8), 1000, sc,
-                              terms=terms, class_labels=y, image_indices=torch.arange(b), device=dev)
-
-            run()  # warm-up
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.no_grad() if not terms else torch.enable_grad():
-                z = run()
-                codec.decode(z) if not terms else None
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            rate = b / (time.perf_counter() - t0)
-            res[f"{name}_b{b}_images_per_s"] = rate
-            print(f"gpu {name} batch {b}: {rate:.2f} images/s", flush=True)
-        res[f"igd_vs_plain_b{b}"] = res[f"plain_b{b}_images_per_s"] / res[f"igd_fast_b{b}_images_per_s"]
-        tflops = res[f"plain_b{b}_images_per_s"] * 50 * 2 * res["dit_gflops_per_forward"] / 1000  # 50 steps, CFG x2
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in res["device"]), None)
-        res[f"plain_b{b}_dit_tflops"] = tflops
-        if peak and not smoke:
-            res[f"plain_b{b}_share_of_tf32_peak"] = tflops / peak
-            print(f"gpu plain batch {b}: {tflops:.0f} TFLOP/s of DiT work = {100 * tflops / peak:.1f}% of the "
-                  f"{peak} TFLOP/s dense TF32 peak", flush=True)
-    return res
 
 
 def ray_vs_local(ipc: int) -> dict:
@@ -291,8 +206,6 @@ def main() -> None:
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--eval-epochs", type=int, default=30)
     ap.add_argument("--job-eval-epochs", type=int, help="the job section's net epochs (default: the preset's 300)")
-    ap.add_argument("--gpu-batch-sizes", default="8,32")
-    ap.add_argument("--gpu-smoke", action="store_true", help="run the gpu section's code on tiny CPU stand-ins")
     ap.add_argument("--method-batch", type=int, default=16)
     ap.add_argument("--method-rounds", type=int, default=3)
     ap.add_argument("--method-refresh", default="", help="IGD igd_refresh values to time too, e.g. 2,4")
@@ -307,8 +220,6 @@ def main() -> None:
     if "methods" in sections:
         res["methods"] = method_costs(a.method_batch, a.method_rounds, a.surrogate,
                                       tuple(int(n) for n in a.method_refresh.split(",") if n))
-    if "gpu" in sections:
-        res["gpu"] = gpu_section([int(b) for b in a.gpu_batch_sizes.split(",")], smoke=a.gpu_smoke)
     if "ray" in sections:
         res["ray"] = ray_vs_local(a.ipc)
     if "job" in sections:

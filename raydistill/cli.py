@@ -10,6 +10,7 @@ import sys
 import time
 
 from raydistill.errors import UserError
+from raydistill.precision import PRECISIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,6 +57,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plugin", action="append", metavar="MODULE_OR_FILE.py",
                    help="import a module or .py file that registers method parts (docs/METHODS.md, \"Adding a "
                    "method\"); repeatable")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="sampling and guidance numerics: auto (default: tf32 on CUDA, fp32 on CPU), fp32, tf32, "
+                   "bf16 (autocast around the DiT, VAE and surrogate forwards); a set's settings include it")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the DiT forward and the evaluation nets (off by default; a warm-up per "
+                   "shape, docs/RAY_JOBS.md)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-preset", help="dc (default), dsa, idc, igd, rded (soft labels from a teacher: --teacher)")
     g.add_argument("--teacher", help="rded: the teacher checkpoint (.safetensors from `raydistill teacher`, or a .pt "
@@ -63,6 +70,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-nets", type=_csv, help="comma-separated nets: convnet, resnet_ap10, resnet18")
     g.add_argument("--num-evals", type=int, help="nets per network type (default 1; 5 for a real estimate)")
     g.add_argument("--eval-epochs", type=_positive_int, help="override the preset's epochs (quick runs)")
+    g.add_argument("--eval-precision", choices=PRECISIONS,
+                   help="evaluation nets' numerics: fp32 (default: the published protocols), tf32, bf16 (opt-in, "
+                   "docs/BENCHMARKS.md), auto")
     g.add_argument("--seed", type=int)
     g.add_argument("--ipc", type=int, help="images per class (default 10)")
 
@@ -84,8 +94,8 @@ def _config(a: argparse.Namespace, **extra):
     from raydistill.config import DistillConfig, read_config_yaml
 
     keys = ["dataset", "data_root", "image_size", "classes", "nclass", "phase", "allow_other_split", "model",
-            "model_size", "vae",
-            "eval_preset", "eval_nets", "num_evals", "eval_epochs", "teacher", "seed", "ipc"]
+            "model_size", "vae", "precision", "compile",
+            "eval_preset", "eval_nets", "num_evals", "eval_epochs", "eval_precision", "teacher", "seed", "ipc"]
     keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
              if hasattr(a, k)]
     if getattr(a, "write_from_workers", False):
@@ -138,7 +148,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(f"{a.dir}: {len(x)} images, {len(labels)} classes, {tuple(x.shape[1:])}")
     for net in cfg.eval_nets:
         r = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=cfg.eval_epochs,
-                            progress=_log, teacher=cfg.teacher)
+                            progress=_log, teacher=cfg.teacher, precision=cfg.eval_precision, compile=cfg.compile)
         print(f"{net}: {r.reported_mean:.2f} +- {r.reported_std:.2f} ({r.report}, {r.num_nets} nets, "
               f"preset {r.preset})")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.errors import UserError
+from raydistill.precision import check_precision
 
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
 
@@ -41,6 +42,8 @@ class DistillConfig:
     cfg_scale: float = 4.0
     cfg_channels: int | None = None  # None: auto (3 for DiT-XL/2, all otherwise)
     batch_size: int = 16
+    precision: str = "auto"  # sampling + guidance: auto (tf32 on CUDA, fp32 on CPU), fp32, tf32, bf16 (precision.py)
+    compile: bool = False  # torch.compile the DiT forward (and the evaluation nets); same images to a tolerance
     # evaluation
     eval_preset: str = "dc"
     eval_nets: tuple[str, ...] = ("convnet",)
@@ -48,6 +51,7 @@ class DistillConfig:
     eval_epochs: int | None = None
     teacher: str | None = None  # soft-label presets (rded): teacher checkpoint; None: the built-in one (Fashion-MNIST)
     baselines: tuple[str, ...] = ("random",)
+    eval_precision: str = "fp32"  # evaluation nets: fp32 (the published protocols), tf32, bf16, auto
     coverage: bool = True  # also measure mode coverage / spread of each set (raydistill.evaluate.coverage)
     # output
     out: str | None = None  # None: <root>/<dataset>/<method>-ipc<IPC>-seed<seed>; a URI with write_from_workers
@@ -83,6 +87,16 @@ class DistillConfig:
                 or not math.isfinite(self.cfg_scale) or self.cfg_scale < 0):
             raise UserError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}",
                             "pass --cfg-scale 4 (the paper), or 1 to turn CFG off")
+        check_precision(self.precision, "precision")
+        check_precision(self.eval_precision, "eval_precision")
+        if self.eval_precision != "fp32":
+            from raydistill.evaluate.presets import get_preset
+
+            if get_preset(self.eval_preset).labels == "soft":
+                raise UserError(f"eval_precision {self.eval_precision} is for the hard-label presets; "
+                                f"{self.eval_preset} trains in fp32", "leave --eval-precision out with this preset")
+        if not isinstance(self.compile, bool):
+            raise UserError(f"compile must be true or false, got {self.compile!r}", "pass --compile, or leave it out")
         if self.classes is not None:
             if not self.classes:
                 raise UserError("classes is empty", "name at least one class, or leave --classes out for all classes")
@@ -130,9 +144,17 @@ class DistillConfig:
         return replace(self, **kw)
 
     def generation_key(self) -> dict[str, Any]:
-        """The fields that determine the generated images (evaluation settings excluded)."""
-        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "baselines", "out", "batch_size", "coverage",
-                "plugins", "allow_other_split", "published", "write_from_workers", "teacher"}
+        """The fields that determine the generated images (evaluation settings excluded).
+
+        ``precision`` is in it when chosen (fp32, tf32, bf16 give other images); ``auto``, the device's own numerics,
+        is left out like the device itself, so the sets made before the setting existed keep their fingerprint.
+        ``compile`` and ``batch_size`` are left out: they change how the images are computed, not which (the same
+        images to float tolerance, tests/test_precision.py)."""
+        skip = {"eval_preset", "eval_nets", "num_evals", "eval_epochs", "eval_precision", "baselines", "out",
+                "batch_size", "compile", "coverage", "plugins", "allow_other_split", "published", "write_from_workers",
+                "teacher"}
+        if self.precision == "auto":
+            skip.add("precision")
         key = {k: v for k, v in self.to_dict().items() if k not in skip}
         extra = key.get("extra") or {}
         if extra.get("igd_impl") == "reference" and "igd_twin" not in extra:

@@ -186,10 +186,11 @@ def load_distilled(out: str | Path, ds: ClassDataset, labels: list[int] | None =
 def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: str, net: str, num_nets: int,
                     seed: int = 0, epochs: int | None = None, device: str | None = None,
                     progress: Callable[[str], None] | None = None, on_epoch=None, eval_every: int | None = None,
-                    teacher: str | None = None):
+                    teacher: str | None = None, precision: str = "fp32", compile: bool = False):
     """Train ``num_nets`` fresh ``net``s on uint8 images ``x`` under ``preset``; test on the dataset's test split.
     A soft-label preset (``rded``) runs :func:`raydistill.evaluate.soft_label.evaluate_soft` with ``teacher`` (a
-    checkpoint path; None: the preset's, else the built-in one; hard-label presets take no teacher)."""
+    checkpoint path; None: the preset's, else the built-in one; hard-label presets take no teacher) in fp32 and
+    eager; hard-label presets train in ``precision`` and, with ``compile``, ``torch.compile``'d nets."""
     from raydistill.evaluate.presets import get_preset
     from raydistill.evaluate.train import evaluate_synthetic
 
@@ -204,6 +205,9 @@ def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: 
     train_y = torch.as_tensor([remap[int(c)] for c in y.tolist()])
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if get_preset(preset).labels == "soft":  # RDED protocol: a teacher's soft labels (raydistill.evaluate.soft_label)
+        if precision != "fp32":
+            raise UserError(f"eval precision {precision} is for the hard-label presets; {preset} trains in fp32",
+                            "leave --eval-precision out with a soft-label preset")
         from raydistill.evaluate.soft_label import evaluate_soft
 
         soft = get_preset(preset, teacher=teacher) if teacher is not None else preset
@@ -212,7 +216,7 @@ def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: 
                              on_epoch=on_epoch, eval_every=eval_every, dataset=ds, classes=labels)
     return evaluate_synthetic(x.float() / 255.0, train_y, test_x.float() / 255.0, test_y, preset=preset, net=net,
                               num_nets=num_nets, seed=seed, device=dev, epochs=epochs, progress=progress,
-                              on_epoch=on_epoch, eval_every=eval_every)
+                              on_epoch=on_epoch, eval_every=eval_every, precision=precision, compile=compile)
 
 
 def coverage_of_set(cfg: DistillConfig, out: str | Path, max_real: int | None = 1000) -> dict:

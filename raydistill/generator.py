@@ -22,6 +22,7 @@ from raydistill.models.dit import dit_config_of
 from raydistill.models.dit_convert import load_dit
 from raydistill.models.vae import LatentCodec, load_vae
 from raydistill.outputs import to_uint8
+from raydistill.precision import maybe_compile, precision_scope
 
 
 def default_device() -> torch.device:
@@ -37,6 +38,8 @@ class Generator:
     dit_labels: list[int]  # subset label -> model label
     device: torch.device
     router: object | None = None  # Minimax phases: a methods.minimax.router.PhaseRouter (one fine-tune per class chunk)
+    precision: str = "auto"  # sampling, guidance and decoding (raydistill.precision)
+    forward: torch.nn.Module | None = None  # what the denoiser calls: ``dit``, or ``torch.compile(dit)``
 
     @property
     def null_label(self) -> int:
@@ -74,15 +77,17 @@ class Generator:
                 progress: Callable[[int], None] | None) -> torch.Tensor:
         cls = torch.as_tensor(list(labels), dtype=torch.long)
         y = torch.as_tensor([self.dit_labels[int(c)] for c in labels], dtype=torch.long)
-        return sample(dit_denoiser(self.dit), self.schedule, y, self.seeds(labels, indices, seed), self.latent_shape,
-                      self.null_label, self.sampler, terms=terms, class_labels=cls,
-                      image_indices=torch.as_tensor(list(indices), dtype=torch.long), device=self.device,
-                      progress=progress)
+        with precision_scope(self.precision, self.device):  # the DiT, and the guidance terms' VAE and surrogate
+            return sample(dit_denoiser(self.dit if self.forward is None else self.forward), self.schedule, y,
+                          self.seeds(labels, indices, seed), self.latent_shape, self.null_label, self.sampler,
+                          terms=terms, class_labels=cls, image_indices=torch.as_tensor(list(indices), dtype=torch.long),
+                          device=self.device, progress=progress)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> uint8 images [B, C, H, W]; a non-finite decode (a damaged VAE) is refused, never written black."""
-        images = self.codec.decode(latents.to(self.device))
+        with precision_scope(self.precision, self.device):
+            images = self.codec.decode(latents.to(self.device)).float()
         if not bool(torch.isfinite(images).all()):
             raise UserError("the VAE decoded non-finite pixels (NaN or inf) from finite latents; the shard is not "
                             "written", "check the VAE files (--vae), then rerun to resume")
@@ -133,4 +138,5 @@ def load_generator(cfg: DistillConfig, dit_labels: list[int], image_size: int,
         cfg_channels = 3  # DiT-XL/2's forward_with_cfg quirk (spec 0.1), needed to reproduce published numbers
     sampler = SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels)
     return Generator(dit=dit, codec=codec, schedule=Schedule.linear(1000, cfg.steps), sampler=sampler,
-                     dit_labels=list(dit_labels), device=device, router=router)
+                     dit_labels=list(dit_labels), device=device, router=router, precision=cfg.precision,
+                     forward=maybe_compile(dit, cfg.compile))

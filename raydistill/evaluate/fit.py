@@ -14,6 +14,7 @@ from torch import nn
 
 from raydistill.evaluate.augment import cutmix
 from raydistill.evaluate.presets import EvalPreset, dc_decay_pass, multistep_milestones
+from raydistill.precision import autocast, precision_scope
 
 ProgressFn = Callable[[str], None]
 EpochFn = Callable[[int, int, float], None]
@@ -34,17 +35,20 @@ def train_pass(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     preset: EvalPreset,
     gen: torch.Generator,
+    precision: str = "fp32",
 ) -> None:
+    """One pass over ``batches``; forwards and losses under ``precision``'s autocast (:mod:`raydistill.precision`)."""
     model.train()
     for xb, yb in batches:
         use_mix = preset.cutmix_p >= 1.0 or (
             preset.cutmix_p > 0 and float(torch.rand(1, generator=gen, device=gen.device).item()) < preset.cutmix_p
         )
-        if use_mix:
-            mix = cutmix(xb, yb, gen)
-            loss = mix.loss(model(mix.x))
-        else:
-            loss = F.cross_entropy(model(xb), yb)
+        with autocast(precision, xb.device):
+            if use_mix:
+                mix = cutmix(xb, yb, gen)
+                loss = mix.loss(model(mix.x))
+            else:
+                loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -83,17 +87,31 @@ def fit(
     on_epoch: EpochFn | None,
     net_index: int,
     on_pass: PassFn | None = None,
+    precision: str = "fp32",
 ) -> tuple[float, float]:
     """Run one net through the preset's schedule; returns (last, best) test accuracy in percent.
 
     Epoch numbers given to ``on_epoch`` count completed passes: 1..E+1 for ``dc_step``, 1..E for ``multistep``.
-    ``on_pass(done, total)`` is called after every pass (progress only; it sees no model state).
+    ``on_pass(done, total)`` is called after every pass (progress only; it sees no model state). ``precision``
+    (fp32 for the published protocols, tf32, bf16, auto) holds for training and testing; ``test_fn`` runs its
+    forwards under its autocast too.
     """
+    device = next(model.parameters()).device
+    with precision_scope(precision, device, forwards=False):
+        return _fit(model, preset, epochs, eval_every, batches_fn, test_fn, gen, on_epoch, net_index, on_pass,
+                    precision)
+
+
+def _fit(model: nn.Module, preset: EvalPreset, epochs: int, eval_every: int, batches_fn: Batches, test_fn: TestFn,
+         gen: torch.Generator, on_epoch: EpochFn | None, net_index: int, on_pass: PassFn | None,
+         precision: str) -> tuple[float, float]:
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     accs: list[float] = []
 
     def evaluate(done: int) -> None:
-        acc = test_fn(model)
+        with autocast(precision, device):
+            acc = test_fn(model)
         accs.append(acc)
         if on_epoch is not None:
             on_epoch(net_index, done, acc)
@@ -103,7 +121,7 @@ def fit(
         opt = make_optimizer(preset, params, lr)
         decay_at, passes = dc_decay_pass(epochs), epochs + 1
         for ep in range(passes):
-            train_pass(model, opt, batches_fn(), preset, gen)
+            train_pass(model, opt, batches_fn(), preset, gen, precision)
             if on_pass is not None:
                 on_pass(ep + 1, passes)
             if ep == decay_at:  # DC: lr *= 0.1 and a fresh optimizer (momentum reset)
@@ -116,7 +134,7 @@ def fit(
         opt = make_optimizer(preset, params, preset.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, multistep_milestones(preset, epochs), gamma=preset.gamma)
         for epoch in range(1, epochs + 1):
-            train_pass(model, opt, batches_fn(), preset, gen)
+            train_pass(model, opt, batches_fn(), preset, gen, precision)
             if on_pass is not None:
                 on_pass(epoch, epochs)
             if epoch == epochs or (eval_every > 0 and epoch % eval_every == 0):

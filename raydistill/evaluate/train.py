@@ -36,6 +36,7 @@ from raydistill.evaluate.augment import dsa_augment, idc_augment
 from raydistill.evaluate.fit import Batches, EpochFn, ProgressFn, TestFn, fit, pass_reporter, test_accuracy
 from raydistill.evaluate.presets import EvalPreset, get_preset, resolve_epochs, resolve_eval_every
 from raydistill.models.evalnets import build_eval_net, convnet_depth_for_size
+from raydistill.precision import check_precision, maybe_compile
 
 __all__ = ["EvalResult", "evaluate_synthetic", "run_nets", "setup"]
 
@@ -212,8 +213,11 @@ def setup(
     device: str | torch.device,
     epochs: int | None,
     eval_every: int | None,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> dict[str, Any]:
     p = get_preset(preset)
+    check_precision(precision, "eval_precision")
     tx, ty, vx, vy = _check_inputs(train_x, train_y, test_x, test_y)
     if not isinstance(num_nets, int) or num_nets < 1:
         raise UserError(f"num_nets must be a positive integer, got {num_nets!r}", "pass num_nets >= 1")
@@ -251,6 +255,8 @@ def setup(
         "epochs": n_epochs,
         "eval_every": n_eval,
         "net_label": net_label,
+        "precision": precision,
+        "compile": compile,
     }
 
 
@@ -287,6 +293,8 @@ def evaluate_synthetic(
     eval_every: int | None = None,
     test_batch_size: int | None = None,
     progress_every_s: float = 60.0,
+    precision: str = "fp32",
+    compile: bool = False,
 ) -> EvalResult:
     """Score a synthetic set: train ``num_nets`` fresh nets on it under ``preset`` and test on the real test set.
 
@@ -309,6 +317,9 @@ def evaluate_synthetic(
         eval_every: test interval in epochs; default = the preset's (dc/dsa: only at the end; idc/igd: E // 100).
         test_batch_size: test mini-batch; default from a pixel budget (large batches).
         progress_every_s: least seconds between two in-net progress lines (0: one per pass).
+        precision: numerics of training and testing (:mod:`raydistill.precision`): fp32 (the published protocols),
+            tf32, bf16 (autocast around the forwards) or auto.
+        compile: train and test ``torch.compile``'d nets (same accuracy to float tolerance; warm-up per net).
 
     Images are resized once to the preset's size when it sets one (bilinear, antialiased Resize + CenterCrop) and
     normalised with the preset's mean/std (dc/dsa before augmentation, idc/igd after it).
@@ -317,7 +328,8 @@ def evaluate_synthetic(
         UserError: bad shapes/dtypes/values, unknown preset or net, bad device.
     """
     t0 = time.perf_counter()
-    cfg = setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every)
+    cfg = setup(train_x, train_y, test_x, test_y, preset, net, num_nets, device, epochs, eval_every, precision,
+                compile)
     p: EvalPreset = cfg["preset"]
     dev: torch.device = cfg["device"]
     size: int = cfg["size"]
@@ -367,11 +379,12 @@ def run_nets(cfg: dict[str, Any], net: str, num_nets: int, seed: int,
         for i in range(num_nets):
             t_net = time.perf_counter()
             s = seed + i
-            model = _new_net(net, channels, cfg["num_classes"], cfg["size"], s, dev)
+            model = maybe_compile(_new_net(net, channels, cfg["num_classes"], cfg["size"], s, dev), cfg["compile"])
             gen = torch.Generator(device=dev).manual_seed(s)
             batches, test_fn = data(s, gen)
             on_pass = pass_reporter(progress, progress_every_s, i, num_nets, cfg["net_label"])
-            la, be = fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass)
+            la, be = fit(model, p, cfg["epochs"], cfg["eval_every"], batches, test_fn, gen, on_epoch, i, on_pass,
+                         cfg["precision"])
             last.append(la)
             best.append(be)
             net_seconds.append(time.perf_counter() - t_net)

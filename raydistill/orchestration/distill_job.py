@@ -42,8 +42,8 @@ def _evaluate_task(out: str, cfg_dict: dict, net: str, threads: int) -> dict:
     ds = open_dataset(cfg)
     x, y = load_distilled(out, ds, selected_labels(cfg, ds), ipc=cfg.ipc)
     res = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=cfg.eval_epochs,
-                          progress=lambda m: print(f"[eval {Path(out).name} {net}] {m}", flush=True),
-                          teacher=cfg.teacher)
+                          precision=cfg.eval_precision, compile=cfg.compile, teacher=cfg.teacher,
+                          progress=lambda m: print(f"[eval {Path(out).name} {net}] {m}", flush=True))
     return res.to_dict()
 
 

@@ -24,10 +24,17 @@ from raydistill.outputs import MANIFEST, atomic_write_text
 METRICS = "metrics.json"
 
 
-def eval_key(c: DistillConfig, net: str) -> str:
-    """``<preset>/<net>/seed<seed>/<epochs>``, plus ``/teacher-<sha256[:12]>`` for a soft-label preset: evaluations
-    with two teachers (or a retrained one at the same path) never share an entry."""
-    key = f"{c.eval_preset}/{net}/seed{c.seed}/{'full' if c.eval_epochs is None else f'{c.eval_epochs}ep'}"
+def eval_key(preset: str, net: str, seed: int, epochs: int | None, precision: str = "fp32") -> str:
+    """``dc/convnet/seed0/full``; an evaluation in another precision than the protocols' fp32 is kept apart
+    (``.../full/bf16``)."""
+    key = f"{preset}/{net}/seed{seed}/{'full' if epochs is None else f'{epochs}ep'}"
+    return key if precision == "fp32" else f"{key}/{precision}"
+
+
+def _key(c: DistillConfig, net: str) -> str:
+    """:func:`eval_key` of ``c``, plus ``/teacher-<sha256[:12]>`` for a soft-label preset: evaluations with two
+    teachers (or a retrained one at the same path) never share an entry."""
+    key = eval_key(c.eval_preset, net, c.seed, c.eval_epochs, c.eval_precision)
     teacher = soft_teacher(c)
     return key if teacher is None else f"{key}/teacher-{_sha256(teacher)[:12]}"
 
@@ -98,7 +105,7 @@ def missing_evals(c: DistillConfig, results: dict) -> list[str]:
         return []
     have = results["evals"]
     return [net for net in c.eval_nets
-            if have.get(eval_key(c, net), {}).get("num_nets") != c.num_evals]
+            if have.get(_key(c, net), {}).get("num_nets") != c.num_evals]
 
 
 def needs_coverage(c: DistillConfig, results: dict) -> bool:
@@ -132,8 +139,9 @@ def merged(c: DistillConfig, results: dict, sampled: tuple[float, float, int], n
         sampling = {"images_per_s": rate, "seconds_sample": secs}
     evals = dict(results["evals"])
     for net, e in new_evals.items():
-        evals[eval_key(c, net)] = {
-            **e, "preset": c.eval_preset, "net": net, "seed": c.seed, "epochs": c.eval_epochs}
+        evals[_key(c, net)] = {
+            **e, "preset": c.eval_preset, "net": net, "seed": c.seed, "epochs": c.eval_epochs,
+            "precision": c.eval_precision}
     coverage = coverage if coverage is not None else results["coverage"]
     metrics = dict(sampling)
     if new_evals:
@@ -151,7 +159,7 @@ def merged(c: DistillConfig, results: dict, sampled: tuple[float, float, int], n
 
 def current_evals(c: DistillConfig, results: dict) -> dict[str, dict]:
     """net -> the stored evaluation of ``c``'s preset, seed and epochs (the nets that have one)."""
-    found = {net: results["evals"].get(eval_key(c, net)) for net in c.eval_nets}
+    found = {net: results["evals"].get(_key(c, net)) for net in c.eval_nets}
     return {net: e for net, e in found.items() if e is not None}
 
 

@@ -83,7 +83,8 @@ def _trial(config: dict, space: TuneSpace, study_dir: str) -> None:
             tune.report({**base, space.metric: acc, "epoch": step, "seconds_eval": time.time() - t1})
 
     r = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=epochs, device=device,
-                        on_epoch=on_epoch, eval_every=space.eval_every or None, teacher=cfg.teacher)
+                        on_epoch=on_epoch, eval_every=space.eval_every or None, precision=cfg.eval_precision,
+                        compile=cfg.compile, teacher=cfg.teacher)
     key = f"acc_{cfg.eval_preset}_{net}"
     soft = {"teacher_test_acc": r.teacher_test_acc} if getattr(r, "labels", "hard") == "soft" else {}
     tune.report({**base, space.metric: r.reported_mean, "epoch": cfg.num_evals * epochs, "completed": 1.0,
