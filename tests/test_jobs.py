@@ -1,4 +1,4 @@
-"""`ray start --head` on 127.0.0.1, `ray job submit jobs/distill.py` on a tiny config, check outputs, `ray stop`."""
+"""`ray start --head` on 127.0.0.1, `ray job submit jobs/distill.py` on a tiny config, check outputs, stop the head."""
 
 from __future__ import annotations
 
@@ -56,11 +56,12 @@ def head_node():
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
              "--disable-usage-stats", f"--temp-dir={temp}"]
-    subprocess.run(start, check=True, env=_env(home, False), capture_output=True, timeout=180)
+    # its own session: the head's daemons get their own process group, which stop_head_node ends
+    subprocess.run(start, check=True, env=_env(home, False), capture_output=True, timeout=180, start_new_session=True)
     try:
         yield f"http://127.0.0.1:{dash}", home
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(home, False), capture_output=True, timeout=120)
+        stop_head_node(temp)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
 
@@ -107,8 +108,73 @@ def _submit(cmd: list[str], env: dict[str, str], wait_s: float = 120.0) -> subpr
         time.sleep(3)
 
 
+def stop_head_node(temp_dir: str, grace_s: float = 15.0) -> None:
+    """Stop the head node started with ``--temp-dir=temp_dir`` and nothing else.
+
+    ``ray stop --force`` kills every Ray process on the machine: run beside another suite (a second clone, a helper's
+    worktree) it killed that suite's clusters mid-test ("No available agent to submit job", raylets "marked dead",
+    "core worker has already been shutdown"). The head's daemons name the temp dir on their command line and the
+    ones that do not (the client server) share their process group; workers are the raylet's descendants."""
+    me = psutil.Process().pid
+    roots = [p for p in psutil.process_iter() if p.pid != me and any(temp_dir in arg for arg in _cmdline(p.pid))]
+    groups: set[int] = set()
+    for p in roots:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except OSError:
+            pass
+    groups.discard(os.getpgid(0))  # never this process's own group (pytest's)
+    roots += [p for p in psutil.process_iter() if p.pid != me and p not in roots and _pgid(p.pid) in groups]
+    procs = set(roots)
+    for p in roots:
+        try:
+            procs.update(p.children(recursive=True))
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs), timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         return psutil.Process(pid).cmdline()
     except psutil.Error:
         return []
+
+
+def test_stop_head_node_ends_only_that_node(tmp_path):
+    """The head's processes (named by their temp dir, their process group, their children) end; a bystander in
+    another group (another suite's cluster) and this process live on."""
+    tag = str(tmp_path / "rdtemp")
+    # the root names the temp dir (as gcs_server / raylet do); the orphan shares its group only (as the client
+    # server does once `ray start` has exited); the child is the root's (as workers are the raylet's)
+    head = subprocess.Popen(["sh", "-c", "(sleep 600 &); sleep 600 & wait", tag], start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    time.sleep(1.0)
+    group = [p for p in psutil.process_iter() if p.pid != head.pid and _pgid(p.pid) == head.pid]
+    assert len(group) == 2, group  # the orphan and the child
+    try:
+        stop_head_node(tag, grace_s=5)
+        assert head.wait(timeout=10) is not None
+        gone, alive = psutil.wait_procs(group, timeout=10)
+        assert not alive, alive
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=10)
