@@ -47,8 +47,9 @@ def dit_denoiser(model, pad_to: int = 8) -> Denoiser:
 
     Rows are padded with zeros to a multiple of ``pad_to``: BLAS picks different kernels for very small row counts
     (measured on CPU: 1 or 2 rows differ from a batch of 64 by ~1e-6, 8 or more rows are bit-identical), so padding
-    makes every image's output independent of its batch. ``pad_to=1`` turns padding off. The output is float32
-    (under bf16 autocast the model computes in bf16; the CFG combination and the step stay in float32).
+    makes every image's output independent of its batch. ``pad_to=1`` turns padding off. The output has the latents'
+    dtype (under bf16 autocast the model computes in bf16; the CFG combination and the step stay in float32, and a
+    float64 check stays float64).
     """
 
     def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ def dit_denoiser(model, pad_to: int = 8) -> Denoiser:
             x = torch.cat([x, x.new_zeros(extra, *x.shape[1:])])
             t = torch.cat([t, t.new_zeros(extra)])
             y = torch.cat([y, y.new_zeros(extra)])
-        return model(x, timestep=t, class_labels=y).sample[:b].float()
+        return model(x, timestep=t, class_labels=y).sample[:b].to(x.dtype)
 
     return run
 
