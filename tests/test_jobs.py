@@ -56,6 +56,12 @@ def head_node():
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
              "--disable-usage-stats", f"--temp-dir={temp}"]
+    # every fixed default port its own: two head nodes on one machine (another suite beside this one) otherwise both
+    # want the dashboard agent's 52365 and the client server's 10001, and the second head has no job agent
+    # ("No available agent to submit job")
+    start += [f"--{name}={_free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port")]
     # its own session: the head's daemons get their own process group, which stop_head_node ends
     subprocess.run(start, check=True, env=_env(home, False), capture_output=True, timeout=180, start_new_session=True)
     try:

@@ -172,3 +172,36 @@ def test_sampler_constructor_error_is_one_user_error_not_endless_restarts(ray_lo
         distill_ray(cfg, pool_size=1)
     assert time.time() - t0 < 120
     assert not list((tmp_path / "set").glob("*/*.png"))
+
+
+def test_stopped_data_executors_are_joined_before_ray_shuts_down(ray_local, monkeypatch) -> None:
+    """Issue 25 item 9: ``StreamingExecutor.shutdown`` waits 2 s for its scheduling thread; a starved thread (here its
+    join returns at once, as when 2 s pass on a loaded machine) must still end before ``ray.shutdown()``, or its next
+    call into the core worker ends the process with exit 1 before the driver's error line."""
+    import contextlib
+    import threading
+
+    import ray
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    from raydistill.orchestration.runtime import join_data_executors
+
+    real_join = threading.Thread.join
+
+    def starved_join(self, timeout=None):
+        if timeout == 2.0:
+            return None  # the 2 s of shutdown() ran out
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(StreamingExecutor, "join", starved_join)
+
+    def slow(batch):
+        time.sleep(0.05)
+        return batch
+
+    ds = ray.data.range(400, override_num_blocks=40).map_batches(slow)
+    with contextlib.closing(iter(ds.iter_batches(batch_size=None))) as batches:
+        next(batches)
+    join_data_executors(timeout_s=60)
+    assert not [t for t in threading.enumerate()
+                if isinstance(t, StreamingExecutor) and getattr(t, "_shutdown", False) and t.is_alive()]

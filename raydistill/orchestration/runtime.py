@@ -142,8 +142,31 @@ def check_reachable(address: str, timeout_s: float | None = None) -> None:
                     f"start it (`ray start --head`) or fix --address; {CONNECT_TIMEOUT_ENV} sets the wait")
 
 
+def join_data_executors(timeout_s: float = 120.0) -> None:
+    """Wait for the scheduling threads of Ray Data executors that were told to stop.
+
+    ``StreamingExecutor.shutdown`` joins its scheduling thread for only 2 s (Ray 2.60). On a loaded machine the thread
+    outlives that, and when it next touches the core worker after ``ray.shutdown()`` Ray ends the whole process
+    (``core_worker_process.cc``: "The core worker has already been shutdown ... The process will exit", exit 1) before
+    the driver has printed its error (issue 25 item 9). Executors still running are left alone. Ray Data's class is
+    private, so a Ray without it is a no-op.
+    """
+    import threading
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:
+        return
+    deadline = time.monotonic() + timeout_s
+    for t in threading.enumerate():
+        if isinstance(t, StreamingExecutor) and getattr(t, "_shutdown", False) and t.is_alive():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
 def _shutdown(ray, failing: bool) -> None:
-    """``ray.shutdown()``; while another error is on its way out, a failure to shut down must not replace it."""
+    """``ray.shutdown()``, after stopped Ray Data executors have ended; while another error is on its way out, a
+    failure to shut down must not replace it."""
+    join_data_executors()
     if not failing:
         ray.shutdown()
         return
