@@ -39,6 +39,7 @@ __all__ = [
     "channel_stats",
     "file_sha256",
     "load_teacher",
+    "require_checkpoint",
     "train_teacher",
 ]
 
@@ -103,10 +104,20 @@ class Teacher:
                 "teacher_recorded_test_acc": None if acc is None else float(acc)}
 
 
+_CHECKPOINT_FIX = "train one with `raydistill teacher --out PATH` or pass an existing safetensors/.pt checkpoint"
+
+
+def require_checkpoint(path: str | Path) -> Path:
+    """``path`` as a Path when it is a file; otherwise one :class:`UserError` line naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"teacher checkpoint not found: {p}", _CHECKPOINT_FIX)
+    return p
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    fix = "train one with `raydistill teacher --out PATH` or pass an existing safetensors/.pt checkpoint"
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint not found: {path}", fix)
+    fix = _CHECKPOINT_FIX
+    require_checkpoint(path)
     meta: dict[str, Any] = {}
     try:
         if path.suffix == ".safetensors":

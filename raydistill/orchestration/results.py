@@ -44,15 +44,12 @@ def soft_teacher(c: DistillConfig) -> Path | None:
     for a hard-label preset. A soft preset without a usable path is one UserError line."""
     from raydistill.evaluate.presets import get_preset
     from raydistill.evaluate.soft_label import teacher_path
+    from raydistill.evaluate.teacher import require_checkpoint
 
     preset = get_preset(c.eval_preset)
     if preset.labels != "soft":
         return None
-    path = teacher_path(get_preset(preset, teacher=c.teacher) if c.teacher else preset, c.dataset)
-    if not path.is_file():
-        raise UserError(f"teacher checkpoint not found: {path}",
-                        "train one with `raydistill teacher --out PATH` or pass an existing --teacher")
-    return path
+    return require_checkpoint(teacher_path(get_preset(preset, teacher=c.teacher) if c.teacher else preset, c.dataset))
 
 
 def _sha256(path: Path) -> str:
