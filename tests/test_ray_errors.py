@@ -205,3 +205,43 @@ def test_stopped_data_executors_are_joined_before_ray_shuts_down(ray_local, monk
     join_data_executors(timeout_s=60)
     assert not [t for t in threading.enumerate()
                 if isinstance(t, StreamingExecutor) and getattr(t, "_shutdown", False) and t.is_alive()]
+
+
+def test_data_iteration_threads_are_joined_before_ray_shuts_down(ray_local, monkeypatch) -> None:
+    """Issue 25 item 9 (the CI failure of session 10): closing ``iter_batches`` only *signals* Ray Data's
+    ``iter_threaded`` workers. A worker that took a block from the executor just before (starved here for 3 s, as on a
+    loaded machine) next calls into the core worker (``ray.get`` of that block); it must have done so before
+    ``ray.shutdown()``, which would otherwise end the process with exit 1 before the driver's error line."""
+    import contextlib
+    import threading
+
+    import ray
+    from ray.data._internal.block_batching import util
+
+    from raydistill.orchestration.runtime import join_data_executors
+
+    real_hits = util._calculate_ref_hits
+    calls: list[int] = []
+    starved: list[float] = []
+
+    def starved_hits(refs):
+        if threading.current_thread().name == "iter_threaded":
+            calls.append(1)
+            if len(calls) == 2:  # the block after the one the consumer takes
+                starved.append(time.monotonic())
+                time.sleep(3.0)
+        return real_hits(refs)
+
+    monkeypatch.setattr(util, "_calculate_ref_hits", starved_hits)
+    ds = ray.data.range(40, override_num_blocks=40).map_batches(lambda b: b)
+    with contextlib.closing(iter(ds.iter_batches(batch_size=None))) as batches:
+        next(batches)
+        deadline = time.monotonic() + 60
+        while not starved and time.monotonic() < deadline:  # a worker is in the starved call when the consumer stops
+            time.sleep(0.05)
+    assert starved, "no worker took a second block: the test did not exercise the race"
+    closed = time.monotonic()
+    join_data_executors(timeout_s=60)
+    assert closed - starved[0] < 3.0, "the consumer closed after the starved call: the test did not exercise the race"
+    assert not [t.name for t in threading.enumerate() if t.name == "iter_threaded" and t.is_alive()]
+    assert time.monotonic() - closed < 30

@@ -143,23 +143,33 @@ def check_reachable(address: str, timeout_s: float | None = None) -> None:
 
 
 def join_data_executors(timeout_s: float = 120.0) -> None:
-    """Wait for the scheduling threads of Ray Data executors that were told to stop.
+    """Wait for Ray Data's threads that were told to stop, before ``ray.shutdown()``.
 
-    ``StreamingExecutor.shutdown`` joins its scheduling thread for only 2 s (Ray 2.60). On a loaded machine the thread
-    outlives that, and when it next touches the core worker after ``ray.shutdown()`` Ray ends the whole process
-    (``core_worker_process.cc``: "The core worker has already been shutdown ... The process will exit", exit 1) before
-    the driver has printed its error (issue 25 item 9). Executors still running are left alone. Ray Data's class is
-    private, so a Ray without it is a no-op.
+    A thread of Ray Data that touches the core worker after ``ray.shutdown()`` makes Ray end the whole process
+    (``core_worker_process.cc``: "The core worker has already been shutdown ... The process will exit", exit 1), before
+    the driver has printed its error (issue 25 item 9). On a loaded machine two kinds outlive the driver's exit:
+
+    - an executor's scheduling thread: ``StreamingExecutor.shutdown`` joins it for only 2 s (Ray 2.60);
+    - the ``iter_threaded`` workers of ``iter_batches``: closing the iteration only sets their stop event; a worker
+      that had just taken a block still resolves it (``ray.get``) on its way out.
+
+    Iterations dropped without being closed are closed first (``gc.collect``). Executors still running are left
+    alone; the wait is bounded by ``timeout_s``. Ray Data's classes and thread names are private, so a Ray without
+    them makes this a no-op.
     """
+    import gc
     import threading
 
     try:
         from ray.data._internal.execution.streaming_executor import StreamingExecutor
     except ImportError:
         return
+    gc.collect()
     deadline = time.monotonic() + timeout_s
+    me = threading.current_thread()
     for t in threading.enumerate():
-        if isinstance(t, StreamingExecutor) and getattr(t, "_shutdown", False) and t.is_alive():
+        stopping = (isinstance(t, StreamingExecutor) and getattr(t, "_shutdown", False)) or t.name == "iter_threaded"
+        if stopping and t is not me and t.is_alive():
             t.join(max(0.0, deadline - time.monotonic()))
 
 
