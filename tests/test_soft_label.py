@@ -346,3 +346,33 @@ def test_imagenet_subset_with_a_torchvision_1k_teacher(tmp_path) -> None:
     assert (r.patch_factor, r.batch_size, r.net, r.teacher_net) == (2, 50, "convnet4", "torchvision-resnet18")
     assert r.teacher_sha256 == file_sha256(pth) and r.teacher_recorded_test_acc is None
     assert 0.0 <= r.teacher_test_acc <= 100.0 and 0.0 <= r.reported_mean <= 100.0
+
+
+def test_teacher_training_resumes_per_epoch_to_the_same_weights(tmp_path, digits) -> None:
+    """A teacher run stopped after epoch 1 of 3 and rerun continues at epoch 2 (not 1) and ends with the weights of an
+    uninterrupted run, bit for bit; a state from other settings is one clear error; the state is gone at the end."""
+    from raydistill.evaluate.teacher import teacher_state_path, train_teacher
+
+    kw = {"epochs": 3, "batch_size": 64, "lr": 0.05, "device": "cpu"}
+    whole = tmp_path / "whole.safetensors"
+    train_teacher(digits, whole, **kw)
+
+    out = tmp_path / "cut.safetensors"
+
+    def stop_after_first(line: str) -> None:
+        if line.startswith("teacher epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(digits, out, progress=stop_after_first, **kw)
+    assert teacher_state_path(out).exists() and not out.exists()
+    with pytest.raises(UserError, match=r"other settings \(lr 0\.05 -> 0\.1\)"):
+        train_teacher(digits, out, **{**kw, "lr": 0.1})
+    lines: list[str] = []
+    train_teacher(digits, out, progress=lines.append, **kw)
+    assert lines[0].startswith("teacher: resumed after epoch 1/3")
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("teacher epoch")] == ["teacher epoch 2/3",
+                                                                                      "teacher epoch 3/3"]
+    a, b = load_file(str(whole)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not teacher_state_path(out).exists()

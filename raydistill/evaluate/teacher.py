@@ -5,6 +5,7 @@
   dataset and its classes, the normalisation the net expects, the recipe and the test accuracy on the full test
   split. Recipe (ours; RDED used the authors' checkpoints): SGD lr 0.01, momentum 0.9, wd 5e-4, batch 256, cosine
   annealing to 0 over the epochs, translate +-12.5% (DSA crop) + horizontal flip, the soft presets' normalisation.
+  Resumable per epoch (a rerun of the same command continues where it stopped).
 - :func:`load_teacher` reads a raydistill teacher, another safetensors file or a ``.pt``/``.pth`` state dict
   (``torch.load(weights_only=True)``; a ``state_dict``/``model`` entry and DataParallel ``module.`` prefixes are
   unwrapped), e.g. torchvision's ResNet-18 ImageNet-1K weights (architecture ``torchvision-resnet18``). A missing,
@@ -40,6 +41,7 @@ __all__ = [
     "file_sha256",
     "load_teacher",
     "require_checkpoint",
+    "teacher_state_path",
     "train_teacher",
 ]
 
@@ -192,12 +194,53 @@ def load_teacher(path: str | Path, channels: int, image_size: int, net: str | No
     return Teacher(module.to(device), str(p), file_sha256(p), arch, channels, num_classes, meta)
 
 
+def _save_teacher_state(path: Path, settings: dict, epoch: int, seconds: float, model: nn.Module,
+                        opt: torch.optim.Optimizer, sched, gen: torch.Generator) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"settings": json.dumps(settings, sort_keys=True), "epoch": epoch, "seconds": seconds,
+                "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "gen": gen.get_state()}, tmp)
+    tmp.replace(path)
+
+
+def _resume_teacher(path: Path, settings: dict, model: nn.Module, opt: torch.optim.Optimizer, sched,
+                    gen: torch.Generator) -> tuple[int, float]:
+    """Load a per-epoch state written by :func:`_save_teacher_state` (``weights_only=True``); returns the next epoch
+    and the seconds already spent."""
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+        saved = json.loads(st["settings"])
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file is the user's to remove
+        raise UserError(f"unreadable teacher training state {path} ({type(e).__name__})",
+                        "delete it to train from the first epoch") from None
+    if saved != json.loads(json.dumps(settings, sort_keys=True)):
+        diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v)
+        raise UserError(f"the unfinished teacher training in {path} used other settings ({diff})",
+                        "rerun with its settings to resume, or delete the file to start again")
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    sched.load_state_dict(st["sched"])
+    gen.set_state(st["gen"])
+    return int(st["epoch"]) + 1, float(st["seconds"])
+
+
+def teacher_state_path(out: str | Path) -> Path:
+    """Where :func:`train_teacher` keeps its per-epoch state while ``out`` is being trained."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.state.pt")
+
+
 def train_teacher(ds, out: str | Path, net: str = "convnet", epochs: int = 20, batch_size: int = 256,
                   lr: float = 0.01, seed: int = 0, device: str | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train a teacher on all of ``ds``'s training split (recipe in the module docstring); returns its metadata.
 
-    ``out`` is written once at the end via a temporary file and a rename, so an existing file is replaced whole.
+    Resumable per epoch: after every epoch the model, optimiser, schedule and augmentation RNG are written (temporary
+    file + rename) to :func:`teacher_state_path`, and a rerun of the same command continues from the last finished
+    epoch; the resumed weights equal an uninterrupted run's bit for bit. A state from other settings is one clear
+    error. ``out`` is written once at the end via a temporary file and a rename (an existing file is replaced whole),
+    and the state is then removed.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UserError("teacher epochs, batch size and lr must be positive", "fix --epochs/--batch-size/--lr")
@@ -218,8 +261,16 @@ def train_teacher(ds, out: str | Path, net: str = "convnet", epochs: int = 20, b
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    t0 = time.time()
-    for epoch in range(1, epochs + 1):
+    settings = {"net": arch, "dataset": ds.name, "train_images": len(x), "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "seed": seed}
+    state_path = teacher_state_path(out)
+    first, spent = 1, 0.0
+    if state_path.exists():
+        first, spent = _resume_teacher(state_path, settings, model, opt, sched, gen)
+        if progress is not None:
+            progress(f"teacher: resumed after epoch {first - 1}/{epochs} from {state_path}")
+    t0 = time.time() - spent
+    for epoch in range(first, epochs + 1):
         model.train()
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1009 + epoch))
         loss_sum = 0.0
@@ -232,6 +283,7 @@ def train_teacher(ds, out: str | Path, net: str = "convnet", epochs: int = 20, b
             opt.step()
             loss_sum += float(loss.detach()) * len(idx)
         sched.step()
+        _save_teacher_state(state_path, settings, epoch, time.time() - t0, model, opt, sched, gen)
         if progress is not None:
             progress(f"teacher epoch {epoch}/{epochs}: loss {loss_sum / len(x):.4f} ({time.time() - t0:.0f} s)")
     model.eval()
@@ -252,6 +304,7 @@ def train_teacher(ds, out: str | Path, net: str = "convnet", epochs: int = 20, b
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp),
               metadata={"format": FORMAT, "meta": json.dumps(meta)})
     tmp.replace(out)
+    state_path.unlink(missing_ok=True)
     if progress is not None:
         progress(f"teacher {arch} on {ds.name}: test accuracy {acc:.2f}% -> {out}")
     return meta
