@@ -79,12 +79,22 @@ def disk_full_is_user_error(where: Path, cleanup: Sequence[Path] = ()) -> Iterat
     try:
         yield
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(e):
             raise
         for p in cleanup:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        raise UserError(f"no space left on the device of {where} ({e.strerror})",
-                        "free some space and rerun the same command: finished shards are kept") from None
+        raise disk_full_error(where, e) from None
+
+
+def is_disk_full(e: OSError) -> bool:
+    """ENOSPC or EDQUOT (also as pyarrow.fs raises them: an OSError carrying the errno)."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(where: object, e: OSError) -> UserError:
+    """The one line of a full disk under ``where`` (the set being written)."""
+    return UserError(f"no space left on the device of {where} ({os.strerror(e.errno)})",
+                     "free some space and rerun the same command: finished shards are kept")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

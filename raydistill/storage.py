@@ -28,12 +28,15 @@ checked, the committed PNGs are not read back.
 
 Test-only fault hook: when the environment variable ``RAYDISTILL_FAULT_FILE`` names a file that exists, the first
 actor to claim it (an atomic rename to ``<file>.claimed``) fails after staging ``after_pngs`` PNGs of its shard,
-``how`` = ``"exit"`` (its process dies, as if killed) or ``"raise"`` (the shard's task fails); the file holds
+``how`` = ``"exit"`` (its process dies, as if killed), ``"raise"`` (the shard's task fails) or ``"enospc"`` (the
+disk is full: the shard's staged and moved files are removed and the job ends with the one line of a full disk, as
+in the default mode); the file holds
 ``{"after_pngs": N, "how": ...}`` and, once claimed, also the shard and the files staged.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -42,7 +45,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from raydistill.errors import UserError
-from raydistill.outputs import MANIFEST, annotate_rows, check_output_dir, clear_set, parquet_bytes
+from raydistill.outputs import (
+    MANIFEST,
+    annotate_rows,
+    check_output_dir,
+    clear_set,
+    disk_full_error,
+    is_disk_full,
+    parquet_bytes,
+)
 
 FAULT_ENV = "RAYDISTILL_FAULT_FILE"
 
@@ -93,11 +104,31 @@ class SetStore:
         """Write through a temporary name and a move; nothing at all when ``path`` already holds ``data``."""
         if self.read(path) == data:
             return
-        self.fs.create_dir(path.rpartition("/")[0], recursive=True)
         tmp = f"{path.rpartition('/')[0]}/.{path.rpartition('/')[2]}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, path)
+        try:
+            self.fs.create_dir(path.rpartition("/")[0], recursive=True)
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            self._remove([tmp])
+            raise disk_full_error(self.out, e) from None
+
+    def _remove(self, paths: Sequence[str]) -> None:
+        """Best effort: delete these files or folders (what a failed write left)."""
+        import pyarrow.fs as pafs
+
+        for p in paths:
+            try:
+                kind = self.fs.get_file_info(p).type
+                if kind == pafs.FileType.Directory:
+                    self.fs.delete_dir(p)
+                elif kind == pafs.FileType.File:
+                    self.fs.delete_file(p)
+            except OSError:
+                pass
 
     def files(self, folder: str, suffix: str) -> list[str]:
         import pyarrow.fs as pafs
@@ -123,18 +154,26 @@ class SetStore:
         annotate_rows(shard_id, rows, pngs)
         fault = _claim_fault()
         stage = f"{self.sidecar}/staging/{shard_id}-{uuid.uuid4().hex[:8]}"
-        self.fs.create_dir(stage, recursive=True)
-        staged = []
-        for row, data in zip(rows, pngs):
-            name = row["path"].replace("/", "__")
-            with self.fs.open_output_stream(f"{stage}/{name}") as f:
-                f.write(data)
-            staged.append(name)
-            if fault is not None and len(staged) == fault[1]["after_pngs"]:
-                _fail(fault, shard_id, staged)
-        for row, name in zip(rows, staged):
-            self.fs.create_dir(f"{self.root}/{row['path'].split('/')[0]}", recursive=True)
-            self.fs.move(f"{stage}/{name}", f"{self.root}/{row['path']}")
+        staged: list[str] = []
+        moved: list[str] = []
+        try:
+            self.fs.create_dir(stage, recursive=True)
+            for row, data in zip(rows, pngs):
+                name = row["path"].replace("/", "__")
+                with self.fs.open_output_stream(f"{stage}/{name}") as f:
+                    f.write(data)
+                staged.append(name)
+                if fault is not None and len(staged) == fault[1]["after_pngs"]:
+                    _fail(fault, shard_id, staged)
+            for row, name in zip(rows, staged):
+                self.fs.create_dir(f"{self.root}/{row['path'].split('/')[0]}", recursive=True)
+                self.fs.move(f"{stage}/{name}", f"{self.root}/{row['path']}")
+                moved.append(f"{self.root}/{row['path']}")
+        except OSError as e:  # a full disk: this shard's staged and moved files go, committed shards stay
+            if not is_disk_full(e):
+                raise
+            self._remove([stage, *moved])
+            raise disk_full_error(self.out, e) from None
         self.delete_dir(stage)
         return rows
 
@@ -172,6 +211,9 @@ def _fail(fault: tuple[str, dict], shard_id: str, staged: list[str]) -> None:
     Path(path).write_text(json.dumps({**spec, "shard": shard_id, "staged": staged}))
     if spec.get("how") == "exit":
         os._exit(1)
+    if spec.get("how") == "enospc":  # as pyarrow.fs reports a full disk
+        raise OSError(errno.ENOSPC, f"Error writing bytes to file. Detail: [errno {errno.ENOSPC}] "
+                      f"{os.strerror(errno.ENOSPC)}")
     raise RuntimeError(f"injected fault ({FAULT_ENV}) after staging {len(staged)} PNGs of shard {shard_id}")
 
 

@@ -131,6 +131,61 @@ def test_failed_actor_mid_shard_leaves_no_partial_shard_and_a_rerun_completes_it
     assert _tree(out) == _tree(reference) and not sidecar(out).exists()
 
 
+def test_full_disk_inside_an_actor_is_one_line_and_keeps_committed_shards(ray_faults, reference, tiny_model,
+                                                                          tmp_path):
+    """ENOSPC while an actor stages its shard (as pyarrow.fs raises it): the job ends with the full-disk line of the
+    default mode, that shard's staged files are gone and none of its PNGs is in the set, committed shards stay, and
+    the same command completes the set once there is room."""
+    from raydistill.orchestration.runtime import user_errors_from_ray
+    from raydistill.outputs import MANIFEST, shards_dir, staging_dir
+
+    out = tmp_path / "set"
+    cfg = _cfg(tiny_model, str(out), write_from_workers=True)
+    ray_faults.write_text(json.dumps({"after_pngs": 2, "how": "enospc"}))
+    with pytest.raises(UserError, match=r"^no space left on the device of .*set \(No space left on device\); free") as e, \
+            user_errors_from_ray():  # as ray_session unwraps it for the CLI
+        _run(cfg, pool_size=1)
+    assert "rerun the same command: finished shards are kept" in str(e.value)
+    failed = json.loads(Path(f"{ray_faults}.claimed").read_text())["shard"]
+    Path(f"{ray_faults}.claimed").unlink()
+    assert not [p for p in staging_dir(out).rglob("*") if p.name.startswith(failed + "-") or failed in p.name]
+    import pyarrow.parquet as pq
+
+    ref_rows = pq.read_table(reference / "manifest.parquet").to_pylist()
+    failed_files = {r["path"] for r in ref_rows if r["shard"] == failed}
+    visible = {str(p.relative_to(out)) for p in out.glob("*/*.png")}
+    assert len(failed_files) == 3 and not failed_files & visible and not (out / MANIFEST).exists()
+    committed = {p.stem for p in shards_dir(out).glob("*.parquet")}
+    ref = _tree(reference)
+    assert all((out / f).read_bytes() == ref[f] for f in visible)
+    res = _run(cfg)
+    assert res.shards_skipped == len(committed) and _tree(out) == ref
+
+
+def test_full_disk_on_a_driver_write_of_the_store_is_one_line_and_leaves_no_temporary(tmp_path):
+    import errno
+
+    from raydistill.storage import SetStore
+
+    store = SetStore(str(tmp_path / "set"))
+    real = store.fs
+
+    class Full:  # the store's filesystem with a full disk for new files
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def open_output_stream(self, path, *a, **k):
+            f = real.open_output_stream(path, *a, **k)
+            f.write(b"half")
+            f.close()
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    store.fs = Full()
+    with pytest.raises(UserError, match="no space left on the device of"):
+        store.write(f"{store.root}/run.json", b"{}")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_killed_actor_mid_shard_is_restarted_and_the_set_is_whole(ray_faults, reference, tiny_model, tmp_path):
     out = tmp_path / "set"
     ray_faults.write_text(json.dumps({"after_pngs": 2, "how": "exit"}))  # the actor's process dies (os._exit)
