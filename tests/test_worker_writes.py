@@ -142,8 +142,8 @@ def test_full_disk_inside_an_actor_is_one_line_and_keeps_committed_shards(ray_fa
     out = tmp_path / "set"
     cfg = _cfg(tiny_model, str(out), write_from_workers=True)
     ray_faults.write_text(json.dumps({"after_pngs": 2, "how": "enospc"}))
-    with pytest.raises(UserError, match=r"^no space left on the device of .*set \(No space left on device\); free") as e, \
-            user_errors_from_ray():  # as ray_session unwraps it for the CLI
+    line = r"^no space left on the device of .*set \(No space left on device\); free"
+    with pytest.raises(UserError, match=line) as e, user_errors_from_ray():  # as ray_session unwraps it for the CLI
         _run(cfg, pool_size=1)
     assert "rerun the same command: finished shards are kept" in str(e.value)
     failed = json.loads(Path(f"{ray_faults}.claimed").read_text())["shard"]
