@@ -38,6 +38,7 @@ from raydistill.evaluate.soft_label import (
 )
 from raydistill.evaluate.teacher import file_sha256, load_teacher
 from raydistill.models.evalnets import build_eval_net
+from tests.conftest import FMNIST_ROOT, needs_fmnist
 
 
 @pytest.fixture(scope="module")
@@ -376,3 +377,20 @@ def test_teacher_training_resumes_per_epoch_to_the_same_weights(tmp_path, digits
     a, b = load_file(str(whole)), load_file(str(out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not teacher_state_path(out).exists()
+
+
+@needs_fmnist
+def test_the_shipped_fashion_mnist_teacher_loads_and_scores_what_it_records() -> None:
+    """The built-in teacher (``raydistill teacher``, shipped in raydistill/assets/fmnist): its metadata names the
+    recipe, and on the first 2,000 test images it scores within 1.5 points of the test accuracy it records."""
+    from raydistill.evaluate.teacher import BUILTIN_TEACHER
+
+    fm = load_dataset("fashion-mnist", str(FMNIST_ROOT))
+    t = load_teacher(BUILTIN_TEACHER, 1, 28, mean=[0.2861], std=[0.3530])
+    assert t.net == "convnet3" and t.num_classes == 10 and t.meta["dataset"] == "fashion-mnist"
+    assert t.meta["train_images"] == 60000 and t.meta["test_accuracy"] > 88.0
+    x, y = fm.load("test")
+    x, y = x[:2000].float() / 255.0, y[:2000]
+    with torch.inference_mode():
+        acc = 100.0 * float((t.module((x - 0.2861) / 0.3530).argmax(1) == y).float().mean())
+    assert abs(acc - t.meta["test_accuracy"]) < 1.5
