@@ -117,16 +117,15 @@ class SetStore:
             raise disk_full_error(self.out, e) from None
 
     def _remove(self, paths: Sequence[str]) -> None:
-        """Best effort: delete these files or folders (what a failed write left)."""
+        """Best effort: delete what a failed write left (a file, or a folder through :meth:`delete_dir`)."""
         import pyarrow.fs as pafs
 
         for p in paths:
             try:
-                kind = self.fs.get_file_info(p).type
-                if kind == pafs.FileType.Directory:
-                    self.fs.delete_dir(p)
-                elif kind == pafs.FileType.File:
+                if self.fs.get_file_info(p).type == pafs.FileType.File:
                     self.fs.delete_file(p)
+                else:
+                    self.delete_dir(p)
             except OSError:
                 pass
 
