@@ -100,7 +100,10 @@ class ShardRunner:
         cfg, real = self.cfg, self.method.real
         if real is not None:
             chosen = real.select(self.ctx, self.params.get(real.name), shard.class_label)[shard.indices]
-            return self.ds.read("train", chosen), [int(i) for i in chosen]
+            imgs = self.ds.read("train", chosen)
+            if real.transform is not None:
+                imgs = real.transform(self.ctx, self.params.get(real.name), imgs)
+            return imgs, [int(i) for i in chosen]
         out = []
         batch = self.method.batch_size(self.params, cfg.batch_size)
         for start in range(0, len(shard.indices), batch):

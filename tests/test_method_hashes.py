@@ -26,6 +26,7 @@ EXPECTED = {  # taken on the code before the move (commit 27d0dc5)
     "minimax": "193bb08dc789902960732737a21fa6a81fc724397c0d3b647a6102b97729ec8d",
     "minimax-igd": "0c4afbdcabdb3f9d397cbdadff038ca57efdfe2937c184052b2597405bacd1c8",
     "minimax+mgd3": "7ddbabc96254dd0797bf3ed1844f115565b212f3648222ae974c0d249bb2060d",
+    "recon": "391ffc079695d63e238a021cc7dc821921346d313d047d72571124b9ee1bf441",  # taken when it was added
 }
 
 
@@ -66,7 +67,7 @@ def set_digest(out: Path) -> str:
     return h.hexdigest()
 
 
-METHODS = ["random", "herding", "dit", "mgd3", "igd", "mgd3+igd", "minimax", "minimax-igd", "minimax+mgd3"]
+METHODS = ["random", "herding", "recon", "dit", "mgd3", "igd", "mgd3+igd", "minimax", "minimax-igd", "minimax+mgd3"]
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -20,7 +20,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "METHODS.md"
 
 
 def test_combinations_are_derived_from_the_parts() -> None:
-    assert method_names()[:6] == ["random", "herding", "dit", "mgd3", "igd", "minimax"]
+    assert method_names()[:7] == ["random", "herding", "recon", "dit", "mgd3", "igd", "minimax"]
     assert {"mgd3+igd", "minimax+mgd3", "minimax-igd"} <= set(method_names())
     spec = get_method("minimax-igd")
     assert [p.name for p in spec.parts] == ["minimax", "igd"] and spec.base == "minimax" and spec.whole_class

@@ -1,5 +1,7 @@
-"""The baselines: ``random`` and ``herding`` (coresets of real training images) and ``dit`` (plain sampling from the
-DiT, no guidance). Real parts pick ``IPC`` training positions per class; the images written are those real images."""
+"""The baselines: ``random`` and ``herding`` (coresets of real training images), ``recon`` (the random subset passed
+through the VAE: the VAE bound of a generated set) and ``dit`` (plain sampling from the DiT, no guidance). Real parts
+pick ``IPC`` training positions per class; the images written are those real images (``recon``: their VAE round
+trip)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from raydistill.data import ClassDataset
 from raydistill.errors import UserError
 from raydistill.methods.registry import Method, integer
+from raydistill.models.vae import reconstruct_images
 
 
 def random_real_indices(ds: ClassDataset, label: int, ipc: int, seed: int) -> np.ndarray:
@@ -78,4 +81,10 @@ HERDING = Method(
     params=HerdingParams, needs_codec=True,
     select=lambda ctx, p, label: herding_indices(ctx.ds, label, ctx.cfg.ipc, ctx.codec, p.herding_pool),
     check=lambda cfg, p, ds: _enough_images(cfg, ds, p.herding_pool))
+RECON = Method(
+    name="recon", kind="real", needs_codec=True,
+    summary="the random subset's images through the VAE (posterior mean, decoded): the VAE bound of generated sets",
+    select=lambda ctx, p, label: random_real_indices(ctx.ds, label, ctx.cfg.ipc, ctx.cfg.seed),
+    transform=lambda ctx, p, images: reconstruct_images(ctx.codec, images),
+    check=lambda cfg, p, ds: _enough_images(cfg, ds))
 DIT = Method(name="dit", kind="base", summary="plain class-conditional DiT sampling with CFG (no guidance)")

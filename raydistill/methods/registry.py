@@ -135,6 +135,8 @@ class Method:
 
     - ``terms(ctx, params) -> list[GuidanceTerm]``: what the part adds to every sampler step (guidance and model parts).
     - ``select(ctx, params, label) -> np.ndarray``: a real part's ``IPC`` training positions of class ``label``.
+    - ``transform(ctx, params, images) -> images``: a real part's change to the chosen uint8 images before they are
+      written (``recon``: through the VAE).
     - ``load_model(cfg, dit_path, device) -> (dit, router | None)``: a model part's DiT (default: the plain DiT).
     - ``check(cfg, params, ds)``: cheap preflight checks (files present, enough images), run before Ray starts.
     - ``precompute``: stages the driver runs before sampling (``"modes"``: MGD3's mode discovery as Ray tasks).
@@ -146,10 +148,11 @@ class Method:
     params: type | None = None
     terms: Callable[..., list] | None = None
     select: Callable[..., Any] | None = None
+    transform: Callable[..., Any] | None = None
     load_model: Callable[..., tuple] | None = None
     check: Callable[..., None] | None = None
     batch_limit: Callable[[Any], int | None] | None = None  # params -> the most images per sampler batch (or None)
-    needs_codec: bool = False  # a real part that encodes images with the VAE (herding)
+    needs_codec: bool = False  # a real part that uses the VAE (herding, recon)
     whole_class: bool = False  # per-class sequential state: a class's images must stay in one shard
     precompute: tuple[str, ...] = ()
     joins: str = "+"  # the separator this guidance part takes right after a model part

@@ -86,3 +86,18 @@ def encode_images(codec, images_uint8: torch.Tensor, batch: int = 256) -> torch.
         x = images_uint8[start:start + batch].to(device=device, dtype=torch.float32) / 127.5 - 1.0
         out.append(codec.encode(x, sample=False).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruct_images(codec, images_uint8: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> ``D(E(x).mean)`` as uint8 (the VAE's round trip, quantised as sets are stored).
+
+    What a perfect generator of these very images could write at best: the VAE bound of a generated set."""
+    from raydistill.outputs import to_uint8
+
+    device = next(codec.parameters()).device
+    out = []
+    for start in range(0, images_uint8.shape[0], batch):
+        z = encode_images(codec, images_uint8[start:start + batch], batch=batch).to(device)
+        out.append(to_uint8(codec.decode(z)))
+    return torch.cat(out) if out else images_uint8.clone()
