@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from raydistill.diffusion.gaussian import q_sample, training_losses
 from raydistill.diffusion.schedule import Schedule
+from raydistill.errors import UserError
 from raydistill.models.dit import DiTConfig, build_dit
 from raydistill.models.vae import build_small_vae
 
@@ -58,6 +59,7 @@ class PretrainConfig:
     vae_init: str = ""  # a diffusers AutoencoderKL folder to start stage 1 from (fine-tune) instead of random weights
     classifier_from: str = ""  # a ConvNet-3 safetensors file to reuse instead of stage 3
     train_limit: int = 0  # 0: every training image; N: the first N of each class (smoke runs, tests)
+    export_step: int = 0  # 0: export the DiT where training ends; N: the EMA snapshot of step N (the curve's pick)
 
 
 def default_work(dit_size: str) -> Path:
@@ -224,6 +226,18 @@ class Pretrainer:
             self.log(f"dit: snapshot {final.name}")
         return final
 
+    def load_snapshot(self, step: int):
+        """The EMA DiT snapshot of ``step`` (``--export-step``: ship the point the curve chose, not the last one)."""
+        from raydistill.models.dit_convert import load_dit
+
+        path = self.work / "snapshots" / f"step-{step:06d}"
+        if not (path / "config.json").exists():
+            have = sorted(int(p.name[5:]) for p in (self.work / "snapshots").glob("step-??????"))
+            raise UserError(f"no DiT snapshot of step {step} in {self.work / 'snapshots'} (have: "
+                            f"{', '.join(map(str, have)) or 'none'})", "pass --export-step one of those steps")
+        self.log(f"dit: exporting the EMA snapshot of step {step}")
+        return load_dit(path, device=self.device)
+
     # ---- stage 3: classifier for the class-consistency check ----------------------------------------------------
     def train_classifier(self):
         from raydistill.models.evalnets import build_eval_net
@@ -262,7 +276,7 @@ class Pretrainer:
         self.log(f"pretrain: {json.dumps(asdict(self.cfg))}")
         vae = self.train_vae()
         mean, std, scale = self.encode_all(vae)
-        ema = self.train_dit(mean, std, scale)
+        ema = self.load_snapshot(self.cfg.export_step) if self.cfg.export_step else self.train_dit(mean, std, scale)
         clf = self.train_classifier()
         self.export(vae, ema, clf, scale, command, time.time() - t_start)
 

@@ -68,3 +68,28 @@ def test_default_work_is_outside_the_tree(monkeypatch, tmp_path):
     assert default_work("S/2") == tmp_path / "S_2"
     monkeypatch.delenv("RAYDISTILL_PRETRAIN_HOME")
     assert ".cache" in default_work("fmnist").parts
+
+
+def test_export_step_ships_the_chosen_snapshot_and_names_the_ones_there(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from raydistill.errors import UserError
+    from raydistill.models.dit_convert import load_dit
+
+    _run(tmp_path, "w", 4)  # snapshots at steps 2 and 4, state at 4
+    cfg = dataclasses.replace(_cfg(tmp_path, 4), export_step=2)
+    p = Pretrainer(cfg, tmp_path / "w", tmp_path / "out2", log=lambda s: None)
+    p.run("raydistill pretrain --export-step 2 (test)")
+    chosen = load_dit(tmp_path / "w" / "snapshots" / "step-000002").state_dict()
+    last = load_dit(tmp_path / "w" / "snapshots" / "step-000004").state_dict()
+    shipped = load_dit(tmp_path / "out2" / "dit").state_dict()
+    assert all(torch.equal(shipped[k], chosen[k].half().float()) for k in chosen)  # step 2's EMA, in fp16
+    assert not all(torch.equal(shipped[k], last[k].half().float()) for k in last)
+    assert any("exporting the EMA snapshot of step 2" in line
+               for line in json.loads((tmp_path / "out2" / "pretrain.json").read_text())["log"])
+    bad = dataclasses.replace(cfg, export_step=3)
+    with pytest.raises(UserError, match=r"no DiT snapshot of step 3 .*\(have: 2, 4\)"):
+        Pretrainer(bad, tmp_path / "w", tmp_path / "out3", log=lambda s: None).run("test")
+    assert not (tmp_path / "out3").exists()
