@@ -6,6 +6,7 @@ Distilled sets are cached under ``--root`` (same settings -> resumed, see raydis
 
     python benchmarks/quality.py --methods random,dit --ipc 10 --preset dc --nets 5
     python benchmarks/quality.py --table-only --plot docs/quality.png     # table + bar plot from the results
+    python benchmarks/quality.py --methods mgd3 --ipc 10 --formation 2     # IDC multi-formation: 40 made, 10 stored
 
 Run several in parallel with different ``--results benchmarks/results/quality-NAME.json``: the table and plot
 merge every ``quality*.json`` in that folder. Every set's mode coverage (raydistill.evaluate.coverage) is stored
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (YAML value)")
     ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale of the sampler")
     ap.add_argument("--tag", default="", help="suffix of the set folder and result keys (e.g. for --set variants)")
+    ap.add_argument("--formation", type=int, default=1,
+                    help="IDC multi-formation factor F: distill IPC*F^2 images per class, pack them into IPC stored "
+                         "images (raydistill pack) and evaluate them decoded; results as METHOD-mfF")
     ap.add_argument("--no-coverage", dest="coverage", action="store_false")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plot", help="write a bar plot of the table to this PNG")
@@ -62,18 +66,25 @@ def main() -> None:
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
     for ipc in [] if a.table_only else [int(v) for v in a.ipc.split(",")]:
         for method in a.methods.split(","):
-            name = method + a.tag
-            cfg = DistillConfig(method=method, ipc=ipc, seed=a.seed, baselines=(), extra=extra, cfg_scale=a.cfg_scale,
-                                out=str(Path(a.root) / f"{name}-ipc{ipc}-seed{a.seed}"))
+            name, made_ipc = method + a.tag, ipc * a.formation ** 2
+            cfg = DistillConfig(method=method, ipc=made_ipc, seed=a.seed, baselines=(), extra=extra,
+                                cfg_scale=a.cfg_scale, out=str(Path(a.root) / f"{name}-ipc{made_ipc}-seed{a.seed}"))
             t0 = time.time()
-            tag = f"{method} ipc{ipc}"
+            tag = f"{method} ipc{made_ipc}"
             made = distill_local(cfg, progress=lambda m, tag=tag: print(f"  [{tag}] {m}", flush=True))
-            print(f"[{method} ipc{ipc}] set ready ({made.shards_run} shards made, {time.time() - t0:.0f} s)",
+            print(f"[{method} ipc{made_ipc}] set ready ({made.shards_run} shards made, {time.time() - t0:.0f} s)",
                   flush=True)
             ds = open_dataset(cfg)
-            x, y = load_distilled(cfg.out, ds, selected_labels(cfg, ds), ipc=ipc)
+            stored = cfg.out
+            if a.formation > 1:  # IDC multi-formation: F^2 generated images in each stored one
+                from raydistill.formation import pack_set
+
+                name = f"{name}-mf{a.formation}"
+                stored = str(Path(a.root) / f"{name}-ipc{ipc}-seed{a.seed}")
+                pack_set(cfg.out, stored, a.formation)
+            x, y = load_distilled(stored, ds, selected_labels(cfg, ds), ipc=ipc)
             cov_key = f"{name}|ipc{ipc}|set{a.seed}"
-            if a.coverage and cov_key not in results.setdefault("coverage", {}):
+            if a.coverage and a.formation == 1 and cov_key not in results.setdefault("coverage", {}):
                 from raydistill.distill import coverage_of_set
 
                 cov = coverage_of_set(cfg, cfg.out)
@@ -88,6 +99,7 @@ def main() -> None:
                     continue
                 where = f"{name} ipc{ipc} {a.preset} net {i + 1}/{a.first_net + a.nets}"
                 r = evaluate_images(x, y, ds, a.preset, a.net, 1, seed=1000 * a.seed + i, epochs=a.epochs,
+                                    formation=a.formation,
                                     progress=lambda m, w=where: print(f"  [{w}] {m.split(': ', 1)[-1]}", flush=True))
                 results["runs"][key] = {"last": r.last_accs[0], "best": r.best_accs[0], "seconds": r.seconds,
                                         "report": r.report, "epochs": r.epochs}

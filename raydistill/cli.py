@@ -1,4 +1,5 @@
-"""``raydistill`` command line: distill, evaluate, tune, compare, modes, surrogate, finetune, pretrain (lazy imports).
+"""``raydistill`` command line: distill, evaluate, tune, compare, modes, surrogate, finetune, pretrain, teacher, score,
+pack (lazy imports).
 
 Bad input raises :class:`raydistill.errors.UserError`; ``main`` prints it as one line and exits with status 2.
 """
@@ -135,6 +136,7 @@ def cmd_distill(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from raydistill.distill import evaluate_images, load_distilled, open_dataset, selected_labels
+    from raydistill.formation import formation_of
     from raydistill.preflight import check_eval
 
     cfg = _config(a, method="random")
@@ -145,10 +147,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     labels = selected_labels(cfg, ds)
     check_eval(cfg, ds)
     x, y = load_distilled(a.dir, ds, labels, ipc=cfg.ipc if a.ipc is not None else None)
-    print(f"{a.dir}: {len(x)} images, {len(labels)} classes, {tuple(x.shape[1:])}")
+    formation = formation_of(a.dir)
+    packed = f" (packed, multi-formation factor {formation}: {len(x) * formation ** 2} training images)" \
+        if formation > 1 else ""
+    print(f"{a.dir}: {len(x)} images, {len(labels)} classes, {tuple(x.shape[1:])}{packed}")
     for net in cfg.eval_nets:
         r = evaluate_images(x, y, ds, cfg.eval_preset, net, cfg.num_evals, seed=cfg.seed, epochs=cfg.eval_epochs,
-                            progress=_log, teacher=cfg.teacher, precision=cfg.eval_precision, compile=cfg.compile)
+                            progress=_log, teacher=cfg.teacher, precision=cfg.eval_precision, compile=cfg.compile,
+                            formation=formation)
         print(f"{net}: {r.reported_mean:.2f} +- {r.reported_std:.2f} ({r.report}, {r.num_nets} nets, "
               f"preset {r.preset})")
     return 0
@@ -338,6 +344,25 @@ def _add_teacher_parser(sub) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
+def cmd_pack(a: argparse.Namespace) -> int:
+    """Pack a finished set into a multi-formation set (``raydistill.formation``, IDC's storage format)."""
+    from raydistill.formation import pack_set
+
+    rows = pack_set(a.src, a.out, a.factor, overwrite=a.overwrite)
+    classes = len({r["label"] for r in rows})
+    print(f"{a.out}: {len(rows)} stored images ({len(rows) // max(1, classes)} per class), each holding "
+          f"{a.factor ** 2} images of {a.src} at 1/{a.factor} resolution; `raydistill evaluate {a.out}` decodes them")
+    return 0
+
+
+def _add_pack_parser(sub) -> None:
+    k = sub.add_parser("pack", help="pack a set of IPC*factor^2 images per class into IPC multi-formation images")
+    k.add_argument("src", help="a finished distilled set (its images per class a multiple of factor^2)")
+    k.add_argument("--out", required=True, help="the packed set's folder")
+    k.add_argument("--factor", type=_positive_int, default=2, help="parts per side of a stored image (default 2)")
+    k.add_argument("--overwrite", action="store_true", help="replace an --out made from other settings")
+
+
 def cmd_score(a: argparse.Namespace) -> int:
     """DD-Ranking's HLR, IOR, LRS and ARS per method from result files or the tracked MLflow runs."""
     from raydistill.evaluate.scores import format_scores, records_from_results, score_table
@@ -489,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pretrain", help="pretrain the built-in Fashion-MNIST VAE + DiT (see --help)", add_help=False)
     _add_teacher_parser(sub)
     _add_score_parser(sub)
+    _add_pack_parser(sub)
     return ap
 
 
@@ -500,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         commands = {"distill": cmd_distill, "evaluate": cmd_evaluate, "surrogate": cmd_surrogate, "modes": cmd_modes,
                     "finetune": cmd_finetune, "tune": cmd_tune, "compare": cmd_compare, "teacher": cmd_teacher,
-                    "score": cmd_score}
+                    "score": cmd_score, "pack": cmd_pack}
         return commands[a.command](a)
     except UserError as e:
         print(f"raydistill: error: {e}", file=sys.stderr)

@@ -189,8 +189,10 @@ def load_distilled(out: str | Path, ds: ClassDataset, labels: list[int] | None =
 def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: str, net: str, num_nets: int,
                     seed: int = 0, epochs: int | None = None, device: str | None = None,
                     progress: Callable[[str], None] | None = None, on_epoch=None, eval_every: int | None = None,
-                    teacher: str | None = None, precision: str = "fp32", compile: bool = False):
+                    teacher: str | None = None, precision: str = "fp32", compile: bool = False, formation: int = 1):
     """Train ``num_nets`` fresh ``net``s on uint8 images ``x`` under ``preset``; test on the dataset's test split.
+    ``formation`` > 1: ``x`` is a packed set, decoded into ``formation**2`` training images each
+    (:func:`raydistill.formation.decode_zoom`, IDC's multi-formation) before any preset sees it.
     A soft-label preset (``rded``) runs :func:`raydistill.evaluate.soft_label.evaluate_soft` with ``teacher`` (a
     checkpoint path; None: the preset's, else the built-in one; hard-label presets take no teacher) in fp32 and
     eager; hard-label presets train in ``precision`` and, with ``compile``, ``torch.compile``'d nets."""
@@ -206,6 +208,11 @@ def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: 
         ty.append(torch.full((len(a),), remap[c], dtype=torch.long))
     test_x, test_y = torch.cat(tx), torch.cat(ty)
     train_y = torch.as_tensor([remap[int(c)] for c in y.tolist()])
+    train_x = x.float() / 255.0
+    if formation != 1:
+        from raydistill.formation import decode_zoom
+
+        train_x, train_y = decode_zoom(train_x, train_y, formation)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if get_preset(preset).labels == "soft":  # RDED protocol: a teacher's soft labels (raydistill.evaluate.soft_label)
         if precision != "fp32":
@@ -214,10 +221,10 @@ def evaluate_images(x: torch.Tensor, y: torch.Tensor, ds: ClassDataset, preset: 
         from raydistill.evaluate.soft_label import evaluate_soft
 
         soft = get_preset(preset, teacher=teacher) if teacher is not None else preset
-        return evaluate_soft(x.float() / 255.0, train_y, test_x.float() / 255.0, test_y, preset=soft, net=net,
+        return evaluate_soft(train_x, train_y, test_x.float() / 255.0, test_y, preset=soft, net=net,
                              num_nets=num_nets, seed=seed, device=dev, epochs=epochs, progress=progress,
                              on_epoch=on_epoch, eval_every=eval_every, dataset=ds, classes=labels)
-    return evaluate_synthetic(x.float() / 255.0, train_y, test_x.float() / 255.0, test_y, preset=preset, net=net,
+    return evaluate_synthetic(train_x, train_y, test_x.float() / 255.0, test_y, preset=preset, net=net,
                               num_nets=num_nets, seed=seed, device=dev, epochs=epochs, progress=progress,
                               on_epoch=on_epoch, eval_every=eval_every, precision=precision, compile=compile)
 
