@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import load_benchmark, needs_fmnist
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +71,3 @@ def test_results_file_of_any_name_is_in_the_table_and_shortened_runs_are_labelle
     assert next(line for line in out if line.startswith("herding ")).split()[2] == "dc:40ep"
     assert next(line for line in out if line.startswith("dit ")).split()[2] == "dc"
 
-
-@needs_fmnist
-def test_formation_distills_four_times_the_images_packs_them_and_trains_on_the_decoded_parts(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    res = tmp_path / "quality-mf.json"
-    cmd = [sys.executable, str(repo / "benchmarks" / "quality.py"), "--methods", "random", "--ipc", "1", "--nets", "1",
-           "--epochs", "1", "--formation", "2", "--threads", "1", "--root", str(tmp_path / "sets"), "--results",
-           str(res)]
-    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "[random ipc4] set ready" in p.stdout
-    runs = json.loads(res.read_text())["runs"]
-    assert list(runs) == ["random-mf2|ipc1|dc|convnet|epochs1|set0|net0"]
-    packed = tmp_path / "sets" / "random-mf2-ipc1-seed0"
-    assert sorted(p.name for p in packed.iterdir() if p.is_dir()) == sorted(
-        p.name for p in (tmp_path / "sets" / "random-ipc4-seed0").iterdir() if p.is_dir())
-    assert all(len(list(d.glob("*.png"))) == 1 for d in packed.iterdir() if d.is_dir())
-    assert "coverage" not in json.loads(res.read_text()) or not json.loads(res.read_text())["coverage"]
