@@ -7,6 +7,7 @@ Bad input raises :class:`raydistill.errors.UserError`; ``main`` prints it as one
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -534,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raydistill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`raydistill score ... | head`): stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter's last flush must not raise again)
+        return 0
     return 0
 
 

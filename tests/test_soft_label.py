@@ -300,6 +300,20 @@ def test_score_table_and_cli_from_quality_results(tmp_path, capsys) -> None:
     assert "percentage points" in out and "[0, 1]" in out
     assert main(["score", str(path), "--ipc", "50"]) == 2
 
+    # a reader that left (`raydistill score ... | head`): a real pipe whose read end is closed, no traceback
+    import os
+    import sys
+
+    r, w = os.pipe()
+    os.close(r)
+    real = sys.stdout
+    sys.stdout = os.fdopen(w, "w", buffering=1)
+    try:
+        assert main(["score", str(path), "--real-hard", "90"]) == 0
+    finally:
+        broken, sys.stdout = sys.stdout, real
+    broken.close() if broken is not real and not broken.closed else None
+
 
 def test_score_from_tracked_mlflow_runs(tmp_path) -> None:
     from raydistill.orchestration.score_runs import records_from_mlflow
