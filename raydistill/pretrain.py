@@ -44,6 +44,9 @@ class PretrainConfig:
     vae_batch: int = 64
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
+    vae_blocks: str = "16,32,32"  # block widths: three blocks downsample x4 (8x8 latents), two x2 (16x16)
+    vae_layers: int = 1  # ResNet layers per block
+    vae_only: bool = False  # train (or resume) the VAE stage, export it to <work>/vae with its scores, and stop
     dit_size: str = "fmnist"
     dit_steps: int = 9000
     dit_batch: int = 128
@@ -110,7 +113,9 @@ class Pretrainer:
             self.log(f"vae: reused from {cfg.vae_from}")
             vae = AutoencoderKL.from_pretrained(cfg.vae_from, local_files_only=True, torch_dtype=torch.float32)
             return vae.to(dev).eval()
-        vae = build_small_vae(channels=self.ds.channels).to(dev).train()
+        blocks = tuple(int(w) for w in cfg.vae_blocks.split(","))
+        vae = build_small_vae(channels=self.ds.channels, block_out=blocks, layers_per_block=cfg.vae_layers)
+        vae = vae.to(dev).train()
         if cfg.vae_init and "vae" not in self.state:
             from diffusers import AutoencoderKL
 
@@ -150,9 +155,37 @@ class Pretrainer:
         return vae.eval()
 
     @torch.no_grad()
+    def export_vae(self, vae) -> Path:
+        """``--vae-only``: the VAE (fp32, latent scale set) as a diffusers folder ``<work>/vae``, with the PSNR of its
+        reconstructions of the first 1,000 test images in ``<work>/vae/scores.json`` (a later run reuses it with
+        ``--vae-from <work>/vae``)."""
+        mean, _, scale = self.encode_all(vae)
+        x, _ = self.ds.load("test" if self.ds.has_split("test") else "train", limit=100)
+        x = x.float() / 127.5 - 1.0
+        rec = vae.decode(vae.encode(_pad32(x).to(self.device)).latent_dist.mean).sample.cpu()
+        p = (rec.shape[-1] - x.shape[-1]) // 2
+        rec = rec[..., p:p + x.shape[-1], p:p + x.shape[-1]].clamp(-1, 1)
+        mse = float(((rec - x) / 2).pow(2).mean())
+        psnr = 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+        final, tmp = self.work / "vae", self.work / "vae.tmp"
+        vae.register_to_config(scaling_factor=scale)
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "scores.json").write_text(json.dumps({"psnr_db": round(psnr, 3), "test_images": len(x),
+                                                     "vae_step": int(self.state.get("vae_step", 0)),
+                                                     "config": asdict(self.cfg)}, indent=1))
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.log(f"vae: exported to {final} (PSNR {psnr:.2f} dB on {len(x)} test images)")
+        return final
+
+    @torch.no_grad()
     def encode_all(self, vae) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Posterior means and stds of the whole training set, and the latent scale 1/std."""
-        if "lat_mean" in self.state:
+        vae_step = int(self.state.get("vae_step", -1))  # latents of a VAE trained on since are encoded again
+        if "lat_mean" in self.state and int(self.state.get("lat_vae_step", vae_step)) == vae_step:
             return self.state["lat_mean"], self.state["lat_std"], float(self.state["scale"])
         means, stds = [], []
         for i in range(0, len(self.x), 500):
@@ -162,7 +195,7 @@ class Pretrainer:
         mean, std = torch.cat(means), torch.cat(stds)
         scale = float(vae.config.scaling_factor) if self.cfg.vae_from else float(1.0 / mean.std())
         self.log(f"latents: {tuple(mean.shape)}, posterior-mean std {mean.std():.4f} -> scale {scale:.5f}")
-        self.save(lat_mean=mean, lat_std=std, scale=torch.tensor(scale))
+        self.save(lat_mean=mean, lat_std=std, scale=torch.tensor(scale), lat_vae_step=vae_step)
         return mean, std, scale
 
     # ---- stage 2: DiT --------------------------------------------------------------------------------------------
@@ -275,6 +308,9 @@ class Pretrainer:
         t_start = time.time()
         self.log(f"pretrain: {json.dumps(asdict(self.cfg))}")
         vae = self.train_vae()
+        if self.cfg.vae_only:
+            self.export_vae(vae)
+            return
         mean, std, scale = self.encode_all(vae)
         ema = self.load_snapshot(self.cfg.export_step) if self.cfg.export_step else self.train_dit(mean, std, scale)
         clf = self.train_classifier()
@@ -339,7 +375,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, f in PretrainConfig.__dataclass_fields__.items():
         if name in ("dataset", "data_root"):
             continue
-        ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):
+            ap.add_argument("--" + name.replace("_", "-"), action="store_true")
+        else:
+            ap.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default)
     a = ap.parse_args(argv)
     cfg = PretrainConfig(**{k: getattr(a, k) for k in PretrainConfig.__dataclass_fields__ if hasattr(a, k)})
     if a.threads:

@@ -93,3 +93,27 @@ def test_export_step_ships_the_chosen_snapshot_and_names_the_ones_there(tmp_path
     with pytest.raises(UserError, match=r"no DiT snapshot of step 3 .*\(have: 2, 4\)"):
         Pretrainer(bad, tmp_path / "w", tmp_path / "out3", log=lambda s: None).run("test")
     assert not (tmp_path / "out3").exists()
+
+
+def test_vae_only_trains_a_configured_vae_exports_it_scored_and_resumes(tmp_path):
+    import dataclasses
+
+    from raydistill.models.vae import load_vae
+
+    cfg = PretrainConfig(vae_steps=2, vae_batch=4, vae_blocks="8,8", vae_only=True, train_limit=5, ckpt_every=2,
+                         log_every=1)
+    p = Pretrainer(cfg, tmp_path / "w", tmp_path / "never", log=lambda s: None)
+    p.run("raydistill pretrain --vae-only (test)")
+    vae_dir = tmp_path / "w" / "vae"
+    conf = json.loads((vae_dir / "config.json").read_text())
+    assert conf["block_out_channels"] == [8, 8] and conf["scaling_factor"] != 1.0  # 1/std of its latents
+    scores = json.loads((vae_dir / "scores.json").read_text())
+    assert scores["vae_step"] == 2 and 0 < scores["psnr_db"] < 60
+    codec = load_vae(vae_dir, image_size=28)
+    assert codec.encode(torch.zeros(1, 1, 28, 28)).shape == (1, 4, 16, 16)  # two blocks: x2
+    assert not (tmp_path / "never").exists() and not (tmp_path / "w" / "snapshots").exists()  # no DiT stage
+    p2 = Pretrainer(dataclasses.replace(cfg, vae_steps=4), tmp_path / "w", tmp_path / "never", log=lambda s: None)
+    p2.run("raydistill pretrain --vae-only --vae-steps 4 (test)")
+    assert any("vae: resumed at step 2" in line for line in p2.lines)
+    assert sum("latents:" in line for line in p2.lines) == 2  # the VAE trained on: its latents encoded again
+    assert json.loads((vae_dir / "scores.json").read_text())["vae_step"] == 4

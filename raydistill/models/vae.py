@@ -47,13 +47,15 @@ class LatentCodec(torch.nn.Module):
 
 
 def build_small_vae(channels: int = 1, sample_size: int = 32, block_out: tuple[int, ...] = (16, 32, 32),
-                    latent_channels: int = 4, scaling_factor: float = 1.0):
-    """The built-in small ``AutoencoderKL`` (x4 downsampling for three blocks)."""
+                    latent_channels: int = 4, scaling_factor: float = 1.0, layers_per_block: int = 1):
+    """The built-in small ``AutoencoderKL``: ``len(block_out)`` blocks, downsampling x2 between consecutive ones
+    (three blocks: x4, 8x8 latents of 32 px images; two blocks: x2, 16x16 latents)."""
     from diffusers import AutoencoderKL
 
     n = len(block_out)
     return AutoencoderKL(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * n,
-                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=block_out, layers_per_block=1,
+                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=block_out,
+                         layers_per_block=layers_per_block,
                          latent_channels=latent_channels, norm_num_groups=min(16, block_out[0]),
                          sample_size=sample_size, scaling_factor=scaling_factor)
 
