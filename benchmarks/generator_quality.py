@@ -7,7 +7,12 @@ space of the built-in feature network (raydistill.evaluate.generator_metrics). R
 
     python benchmarks/generator_quality.py                                   # the built-in model, CFG 1,1.5,2,3,4
     python benchmarks/generator_quality.py --model DIR --vae DIR --tag fmnist-m-20000 --cfg 1.5
+    python benchmarks/generator_quality.py --vae DIR --tag vae-w64 --vae-floor --cfg ""   # a VAE's own floor only
     python benchmarks/generator_quality.py --table-only
+
+``--vae-floor`` also scores the real floor's images passed through the VAE (posterior mean, decoded; row
+``<tag>-vae``): no generator on that VAE's latents can score better than its reconstructions, so it is the floor
+a VAE sets for every DiT trained on it.
 """
 
 from __future__ import annotations
@@ -58,6 +63,18 @@ def score_generator(model: Path, vae: Path, cfgs: list[float], per_class: int, s
     return out
 
 
+def vae_floor(ds, vae: Path, extractor, reference, per_class: int, seed: int) -> dict:
+    """The metrics of the real floor's images after the VAE's round trip, with their PSNR (dB) to the originals."""
+    from raydistill.evaluate.generator_metrics import class_balanced_subset, features
+    from raydistill.models.vae import load_vae, reconstruct_images
+
+    real = class_balanced_subset(ds, torch.arange(ds.num_classes).repeat_interleave(per_class), seed)
+    rec = reconstruct_images(load_vae(vae, image_size=ds.image_size), real)
+    mse = ((rec.float() - real.float()) / 255).pow(2).mean()
+    return {**reference.score(features(extractor, rec)).as_dict(), "psnr_db": float(10 * torch.log10(1 / mse)),
+            "vae": str(vae), "date": time.strftime("%Y-%m-%d")}
+
+
 def table(results: dict) -> str:
     rows = ["| model | CFG | images per class | FID | precision | recall | density | coverage | class consistency |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -90,6 +107,7 @@ def main() -> None:
     ap.add_argument("--sheets", default="benchmarks/results/generator", help="folder of the sample sheets")
     ap.add_argument("--results", default="benchmarks/results/generator_quality.json")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--vae-floor", action="store_true", help="also score the VAE's reconstructions of the floor")
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
     if a.threads:
@@ -106,7 +124,14 @@ def main() -> None:
             labels = torch.arange(ds.num_classes).repeat_interleave(a.per_class)
             results["runs"][floor_key] = real_floor(ds, extractor, reference, labels, seed=a.seed).as_dict()
             print(f"[real floor, {n} images] FID {results['runs'][floor_key]['fid']:.2f}", flush=True)
-        todo = [float(c) for c in a.cfg.split(",") if f"{a.tag}|{float(c):g}|{a.per_class}|{a.seed}"
+        vae_key = f"{a.tag}-vae|-|{a.per_class}|{a.seed}"
+        if a.vae_floor and vae_key not in results["runs"]:
+            results["runs"][vae_key] = vae_floor(ds, Path(a.vae), extractor, reference, a.per_class, a.seed)
+            print(f"[{a.tag} VAE floor, {n} images] FID {results['runs'][vae_key]['fid']:.2f}, PSNR "
+                  f"{results['runs'][vae_key]['psnr_db']:.2f} dB", flush=True)
+            res_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(res_path, json.dumps(results, indent=1, sort_keys=True))
+        todo = [float(c) for c in a.cfg.split(",") if c.strip() and f"{a.tag}|{float(c):g}|{a.per_class}|{a.seed}"
                 not in results["runs"]]
         sheets = Path(a.sheets)
         sheets.mkdir(parents=True, exist_ok=True)
