@@ -66,12 +66,11 @@ def score_generator(model: Path, vae: Path, cfgs: list[float], per_class: int, s
 def vae_floor(ds, vae: Path, extractor, reference, per_class: int, seed: int) -> dict:
     """The metrics of the real floor's images after the VAE's round trip, with their PSNR (dB) to the originals."""
     from raydistill.evaluate.generator_metrics import class_balanced_subset, features
-    from raydistill.models.vae import load_vae, reconstruct_images
+    from raydistill.models.vae import load_vae, psnr_db, reconstruct_images
 
     real = class_balanced_subset(ds, torch.arange(ds.num_classes).repeat_interleave(per_class), seed)
     rec = reconstruct_images(load_vae(vae, image_size=ds.image_size), real)
-    mse = ((rec.float() - real.float()) / 255).pow(2).mean()
-    return {**reference.score(features(extractor, rec)).as_dict(), "psnr_db": float(10 * torch.log10(1 / mse)),
+    return {**reference.score(features(extractor, rec)).as_dict(), "psnr_db": psnr_db(real, rec),
             "vae": str(vae), "date": time.strftime("%Y-%m-%d")}
 
 

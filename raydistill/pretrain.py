@@ -159,16 +159,13 @@ class Pretrainer:
         """``--vae-only``: the VAE (fp32, latent scale set) as a diffusers folder ``<work>/vae``, with the PSNR of its
         reconstructions of the first 1,000 test images in ``<work>/vae/scores.json`` (a later run reuses it with
         ``--vae-from <work>/vae``)."""
-        mean, _, scale = self.encode_all(vae)
-        x, _ = self.ds.load("test" if self.ds.has_split("test") else "train", limit=100)
-        x = x.float() / 127.5 - 1.0
-        rec = vae.decode(vae.encode(_pad32(x).to(self.device)).latent_dist.mean).sample.cpu()
-        p = (rec.shape[-1] - x.shape[-1]) // 2
-        rec = rec[..., p:p + x.shape[-1], p:p + x.shape[-1]].clamp(-1, 1)
-        mse = float(((rec - x) / 2).pow(2).mean())
-        psnr = 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-        final, tmp = self.work / "vae", self.work / "vae.tmp"
+        from raydistill.models.vae import LatentCodec, psnr_db, reconstruct_images
+
+        _, _, scale = self.encode_all(vae)
         vae.register_to_config(scaling_factor=scale)
+        x, _ = self.ds.load("test" if self.ds.has_split("test") else "train", limit=100)
+        psnr = psnr_db(x, reconstruct_images(LatentCodec(vae, image_size=x.shape[-1]), x))
+        final, tmp = self.work / "vae", self.work / "vae.tmp"
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "scores.json").write_text(json.dumps({"psnr_db": round(psnr, 3), "test_images": len(x),
                                                      "vae_step": int(self.state.get("vae_step", 0)),

@@ -103,3 +103,9 @@ def reconstruct_images(codec, images_uint8: torch.Tensor, batch: int = 256) -> t
         z = encode_images(codec, images_uint8[start:start + batch], batch=batch).to(device)
         out.append(to_uint8(codec.decode(z)))
     return torch.cat(out) if out else images_uint8.clone()
+
+
+def psnr_db(a_uint8: torch.Tensor, b_uint8: torch.Tensor) -> float:
+    """PSNR in dB between two uint8 image batches (peak 255)."""
+    mse = ((a_uint8.float() - b_uint8.float()) / 255.0).pow(2).mean()
+    return float(10 * torch.log10(1.0 / mse.clamp_min(1e-12)))
