@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (YAML value)")
     ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale of the sampler")
+    ap.add_argument("--model", default=None, help="a DiT folder other than the built-in one (a candidate)")
+    ap.add_argument("--vae", default=None, help="a VAE folder other than the built-in one (recon: its VAE bound)")
     ap.add_argument("--tag", default="", help="suffix of the set folder and result keys (e.g. for --set variants)")
     ap.add_argument("--formation", type=int, default=1,
                     help="IDC multi-formation factor F: distill IPC*F^2 images per class, pack them into IPC stored "
@@ -68,7 +70,8 @@ def main() -> None:
         for method in a.methods.split(","):
             name, made_ipc = method + a.tag, ipc * a.formation ** 2
             cfg = DistillConfig(method=method, ipc=made_ipc, seed=a.seed, baselines=(), extra=extra,
-                                cfg_scale=a.cfg_scale, out=str(Path(a.root) / f"{name}-ipc{made_ipc}-seed{a.seed}"))
+                                cfg_scale=a.cfg_scale, out=str(Path(a.root) / f"{name}-ipc{made_ipc}-seed{a.seed}"),
+                                model=a.model, vae=a.vae)
             t0 = time.time()
             tag = f"{method} ipc{made_ipc}"
             made = distill_local(cfg, progress=lambda m, tag=tag: print(f"  [{tag}] {m}", flush=True))
