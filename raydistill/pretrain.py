@@ -46,6 +46,7 @@ class PretrainConfig:
     kl_weight: float = 1e-6
     vae_blocks: str = "16,32,32"  # block widths: three blocks downsample x4 (8x8 latents), two x2 (16x16)
     vae_layers: int = 1  # ResNet layers per block
+    vae_latent_channels: int = 4
     vae_only: bool = False  # train (or resume) the VAE stage, export it to <work>/vae with its scores, and stop
     dit_size: str = "fmnist"
     dit_steps: int = 9000
@@ -114,7 +115,8 @@ class Pretrainer:
             vae = AutoencoderKL.from_pretrained(cfg.vae_from, local_files_only=True, torch_dtype=torch.float32)
             return vae.to(dev).eval()
         blocks = tuple(int(w) for w in cfg.vae_blocks.split(","))
-        vae = build_small_vae(channels=self.ds.channels, block_out=blocks, layers_per_block=cfg.vae_layers)
+        vae = build_small_vae(channels=self.ds.channels, block_out=blocks, layers_per_block=cfg.vae_layers,
+                              latent_channels=cfg.vae_latent_channels)
         vae = vae.to(dev).train()
         if cfg.vae_init and "vae" not in self.state:
             from diffusers import AutoencoderKL

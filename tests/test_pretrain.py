@@ -100,8 +100,8 @@ def test_vae_only_trains_a_configured_vae_exports_it_scored_and_resumes(tmp_path
 
     from raydistill.models.vae import load_vae
 
-    cfg = PretrainConfig(vae_steps=2, vae_batch=4, vae_blocks="8,8", vae_only=True, train_limit=5, ckpt_every=2,
-                         log_every=1)
+    cfg = PretrainConfig(vae_steps=2, vae_batch=4, vae_blocks="8,8", vae_latent_channels=2, vae_only=True,
+                         train_limit=5, ckpt_every=2, log_every=1)
     p = Pretrainer(cfg, tmp_path / "w", tmp_path / "never", log=lambda s: None)
     p.run("raydistill pretrain --vae-only (test)")
     vae_dir = tmp_path / "w" / "vae"
@@ -115,7 +115,7 @@ def test_vae_only_trains_a_configured_vae_exports_it_scored_and_resumes(tmp_path
     x, _ = load_dataset("fashion-mnist").load("test", limit=100)
     assert scores["vae_step"] == 2  # the PSNR is the exported VAE's own round trip of the first 100 per class
     assert abs(scores["psnr_db"] - psnr_db(x, reconstruct_images(codec, x))) < 0.05
-    assert codec.encode(torch.zeros(1, 1, 28, 28)).shape == (1, 4, 16, 16)  # two blocks: x2
+    assert codec.encode(torch.zeros(1, 1, 28, 28)).shape == (1, 2, 16, 16)  # two blocks: x2; 2 channels
     assert not (tmp_path / "never").exists() and not (tmp_path / "w" / "snapshots").exists()  # no DiT stage
     p2 = Pretrainer(dataclasses.replace(cfg, vae_steps=4), tmp_path / "w", tmp_path / "never", log=lambda s: None)
     p2.run("raydistill pretrain --vae-only --vae-steps 4 (test)")
