@@ -72,6 +72,10 @@ def plot(results: dict, path: Path) -> None:
     if floor:
         axes[0].axhline(floor["fid"], color="grey", ls=":", label="real vs real (same size)")
         axes[1].axhline(floor["recall"], color="grey", ls=":", label="real recall")
+    for name, fid in sorted(results.get("vae_floors", {}).items()):  # what no DiT on that VAE's latents can beat
+        axes[0].axhline(fid, ls="--", lw=0.8, color="black" if name == "shipped" else "green",
+                        label=f"VAE floor: {name}")
+    axes[0].set_yscale("log")
     if results.get("random_ipc10"):
         axes[2].axhline(results["random_ipc10"], color="grey", ls=":", label="random real IPC 10")
     for ax, title in zip(axes, ("FID (lower is better)", "precision / recall", "plain DiT IPC 10, dc (%)")):
