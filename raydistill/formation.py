@@ -87,8 +87,8 @@ def pack_set(src: str | Path, out: str | Path, factor: int, overwrite: bool = Fa
     src, out = Path(src), Path(out)
     if not isinstance(factor, int) or factor < 2:
         raise UserError(f"packing needs a formation factor of at least 2, got {factor!r}", "pass --factor 2")
-    if formation_of(src) != 1:
-        raise UserError(f"{src} is already a packed set (factor {formation_of(src)})", "pack the unpacked set")
+    if (have := formation_of(src)) != 1:
+        raise UserError(f"{src} is already a packed set (factor {have})", "pack the unpacked set")
     rows = sorted(read_manifest(src), key=lambda r: (r["label"], r["index"]))
     damage = verify_set(src)
     if damage:

@@ -79,6 +79,21 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``; an existing ``final`` is moved aside first and removed only once
+    the new one is in place."""
+    import shutil
+
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
 def _pad32(x: torch.Tensor) -> torch.Tensor:
     """uint8 [N,1,28,28] -> float [-1, 1] padded to 32x32 with the background value."""
     return F.pad(x.float() / 127.5 - 1.0, (2, 2, 2, 2), value=-1.0)
@@ -172,11 +187,7 @@ class Pretrainer:
         (tmp / "scores.json").write_text(json.dumps({"psnr_db": round(psnr, 3), "test_images": len(x),
                                                      "vae_step": int(self.state.get("vae_step", 0)),
                                                      "config": asdict(self.cfg)}, indent=1))
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _replace_dir(tmp, final)
         self.log(f"vae: exported to {final} (PSNR {psnr:.2f} dB on {len(x)} test images)")
         return final
 
@@ -328,15 +339,7 @@ class Pretrainer:
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "seconds_this_session": round(seconds, 1), "latent_scale": scale, "log": self.lines}
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
-        if self.out.exists():
-            old = self.out.with_name(self.out.name + ".old")
-            os.replace(self.out, old)
-            os.replace(tmp, self.out)
-            import shutil
-
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, self.out)
+        _replace_dir(tmp, self.out)
         self.log(f"exported to {self.out}")
 
 
