@@ -62,6 +62,7 @@ class PretrainConfig:
     vae_from: str = ""  # a diffusers AutoencoderKL folder to reuse instead of stage 1
     vae_init: str = ""  # a diffusers AutoencoderKL folder to start stage 1 from (fine-tune) instead of random weights
     classifier_from: str = ""  # a ConvNet-3 safetensors file to reuse instead of stage 3
+    dit_init: str = ""  # a DiT snapshot folder (step-NNNNNN) to warm-start stage 2 from when <work> has no DiT state
     train_limit: int = 0  # 0: every training image; N: the first N of each class (smoke runs, tests)
     export_step: int = 0  # 0: export the DiT where training ends; N: the EMA snapshot of step N (the curve's pick)
 
@@ -218,12 +219,14 @@ class Pretrainer:
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
         sched = Schedule.linear(1000, respace=None)
-        step = 0
+        step = start = 0
+        if "dit" not in self.state and cfg.dit_init:
+            step = start = self._warm_start(model, ema, cfg.dit_init)
         if "dit" in self.state:
             model.load_state_dict(self.state["dit"])
             ema.load_state_dict(self.state["dit_ema"])
             opt.load_state_dict(self.state["dit_opt"])
-            step = int(self.state["dit_step"])
+            step, start = int(self.state["dit_step"]), int(self.state.get("dit_init_step", 0))
             torch.set_rng_state(self.state["dit_rng"])
             self.log(f"dit: resumed at step {step}")
         n_params = sum(p.numel() for p in model.parameters())
@@ -231,7 +234,7 @@ class Pretrainer:
         t0, run = time.time(), 0.0
         while step < cfg.dit_steps:
             for group in opt.param_groups:
-                group["lr"] = cfg.dit_lr * min(1.0, (step + 1) / cfg.dit_warmup)
+                group["lr"] = cfg.dit_lr * min(1.0, (step - start + 1) / cfg.dit_warmup)
             idx = torch.randint(0, len(lat_mean), (cfg.dit_batch,))
             z0 = (lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])).to(dev) * scale
             y = self.y[idx].to(dev)
@@ -254,10 +257,36 @@ class Pretrainer:
                 t0 = time.time()
             if step % cfg.ckpt_every == 0 or step == cfg.dit_steps:
                 self.save(dit=model.state_dict(), dit_ema=ema.state_dict(), dit_opt=opt.state_dict(),
-                          dit_step=step, dit_rng=torch.get_rng_state())
+                          dit_step=step, dit_rng=torch.get_rng_state(), dit_init_step=start)
             if cfg.snapshot_every and step % cfg.snapshot_every == 0:
                 self.snapshot(ema, step)
         return ema
+
+    def _warm_start(self, model, ema, folder: str) -> int:
+        """``--dit-init``: model and EMA both start from a snapshot's EMA weights and the step count from its name
+        (``step-NNNNNN``); the optimizer starts afresh, with the warm-up again. Not bit-exact with an uninterrupted
+        run (Adam's moments and the raw weights are lost): it is how a run continues on a machine where only the
+        snapshot survived (docs/PRETRAINING.md)."""
+        import re
+
+        from raydistill.models.dit_convert import load_dit
+
+        path = Path(folder)
+        m = re.fullmatch(r"step-(\d+)", path.name)
+        if not (path / "config.json").exists() or not m:
+            raise UserError(f"--dit-init {folder} is not a DiT snapshot folder (step-NNNNNN with a config.json)",
+                            "pass a folder from <work>/snapshots/ or a copy of one under the same name")
+        init = load_dit(path, device=self.device).float().state_dict()
+        try:
+            model.load_state_dict(init)
+        except RuntimeError as e:
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise UserError(f"--dit-init {folder} does not fit --dit-size {self.cfg.dit_size} on these latents: "
+                            f"{first}", "pass the --dit-size and --vae-from the snapshot was trained with") from None
+        ema.load_state_dict(init)
+        torch.manual_seed(self.cfg.seed * 1000 + int(m.group(1)))
+        self.log(f"dit: initialised from {folder} at step {int(m.group(1))} (fresh optimizer, warm-up again)")
+        return int(m.group(1))
 
     def snapshot(self, ema, step: int) -> Path:
         """The EMA DiT at ``step`` as a diffusers folder (fp32), written to a temporary name and renamed."""

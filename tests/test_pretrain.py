@@ -122,3 +122,34 @@ def test_vae_only_trains_a_configured_vae_exports_it_scored_and_resumes(tmp_path
     assert any("vae: resumed at step 2" in line for line in p2.lines)
     assert sum("latents:" in line for line in p2.lines) == 2  # the VAE trained on: its latents encoded again
     assert json.loads((vae_dir / "scores.json").read_text())["vae_step"] == 4
+
+
+def test_dit_init_warm_starts_from_a_snapshot_and_counts_on_from_its_step(tmp_path):
+    import dataclasses
+    import shutil
+
+    import pytest
+
+    from raydistill.errors import UserError
+    from raydistill.models.dit_convert import load_dit
+
+    _run(tmp_path, "w", 4)
+    carried = tmp_path / "carried" / "step-000004"  # what survives a lost machine: a copy of one snapshot
+    shutil.copytree(tmp_path / "w" / "snapshots" / "step-000004", carried)
+    cfg = dataclasses.replace(_cfg(tmp_path, 4), dit_init=str(carried))
+    p = Pretrainer(cfg, tmp_path / "w2", tmp_path / "out2", log=lambda s: None)
+    p.run("raydistill pretrain --dit-init (test)")  # already at the target: the export is the snapshot itself
+    snap = load_dit(carried).state_dict()
+    shipped = load_dit(tmp_path / "out2" / "dit").state_dict()
+    assert all(torch.equal(shipped[k], snap[k].half().float()) for k in snap)
+    assert any("initialised from" in line and "at step 4" in line for line in p.lines)
+    p = Pretrainer(dataclasses.replace(cfg, dit_steps=6), tmp_path / "w2", tmp_path / "out2", log=lambda s: None)
+    p.run("raydistill pretrain --dit-init --dit-steps 6 (test)")
+    assert sorted(x.name for x in (tmp_path / "w2" / "snapshots").iterdir()) == ["step-000006"]
+    trained = load_dit(tmp_path / "w2" / "snapshots" / "step-000006").state_dict()
+    assert not all(torch.equal(trained[k], snap[k]) for k in snap)  # it trained on from there
+    state = torch.load(tmp_path / "w2" / "state.pt", weights_only=True)
+    assert state["dit_step"] == 6 and state["dit_init_step"] == 4
+    with pytest.raises(UserError, match="not a DiT snapshot folder"):
+        Pretrainer(dataclasses.replace(cfg, dit_init=str(tmp_path / "carried")), tmp_path / "w3",
+                   tmp_path / "out3", log=lambda s: None).run("test")
