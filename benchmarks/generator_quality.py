@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from raydistill.config import BUILTIN_MODEL, DistillConfig
-from raydistill.outputs import atomic_write_text, save_grid
+from raydistill.outputs import save_grid, save_merged_json
 
 FLOOR = "real"  # the tag of the real-vs-real floor rows
 
@@ -128,8 +128,7 @@ def main() -> None:
             results["runs"][vae_key] = vae_floor(ds, Path(a.vae), extractor, reference, a.per_class, a.seed)
             print(f"[{a.tag} VAE floor, {n} images] FID {results['runs'][vae_key]['fid']:.2f}, PSNR "
                   f"{results['runs'][vae_key]['psnr_db']:.2f} dB", flush=True)
-            res_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(res_path, json.dumps(results, indent=1, sort_keys=True))
+            save_merged_json(res_path, results, indent=1, sort_keys=True)
         todo = [float(c) for c in a.cfg.split(",") if c.strip() and f"{a.tag}|{float(c):g}|{a.per_class}|{a.seed}"
                 not in results["runs"]]
         sheets = Path(a.sheets)
@@ -142,8 +141,7 @@ def main() -> None:
                 metrics.update(model=a.model, date=time.strftime("%Y-%m-%d"), host=platform.node(),
                                threads=torch.get_num_threads())
                 results["runs"][f"{a.tag}|{cfg}|{a.per_class}|{a.seed}"] = metrics
-            res_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(res_path, json.dumps(results, indent=1, sort_keys=True))
+            save_merged_json(res_path, results, indent=1, sort_keys=True)
     print(table(results))
 
 

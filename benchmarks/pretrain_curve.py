@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generator_quality import score_generator  # noqa: E402
 
-from raydistill.outputs import atomic_write_text  # noqa: E402
+from raydistill.outputs import save_merged_json  # noqa: E402
 
 
 def plain_dit_accuracy(model: Path, vae: Path, cfg_scale: float, ipc: int, nets: int, seed: int = 0) -> list[float]:
@@ -113,8 +113,7 @@ def main() -> None:
     results = json.loads(res_path.read_text()) if res_path.exists() else {"runs": {}}
 
     def save() -> None:
-        res_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(res_path, json.dumps(results, indent=1, sort_keys=True))
+        save_merged_json(res_path, results, indent=1, sort_keys=True)
 
     if not a.table_only:
         ds = load_dataset("fashion-mnist")

@@ -28,7 +28,7 @@ import torch
 
 from raydistill.config import DistillConfig
 from raydistill.distill import distill_local, evaluate_images, load_distilled, open_dataset, selected_labels
-from raydistill.outputs import atomic_write_text
+from raydistill.outputs import save_merged_json
 
 
 def main() -> None:
@@ -93,7 +93,7 @@ def main() -> None:
                 cov = coverage_of_set(cfg, cfg.out)
                 results["coverage"][cov_key] = {"mode_coverage": cov["mode_coverage"],
                                                 "mode_distance": cov["mode_distance"]}
-                atomic_write_text(res_path, json.dumps(results, indent=1))
+                save_merged_json(res_path, results, indent=1)
                 print(f"[{name} ipc{ipc}] mode coverage {cov['mode_coverage']:.3f}, distance "
                       f"{cov['mode_distance']:.3f}", flush=True)
             for i in range(a.first_net, a.first_net + a.nets):
@@ -108,7 +108,7 @@ def main() -> None:
                                         "report": r.report, "epochs": r.epochs}
                 results["machine"] = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, " \
                                      f"threads {torch.get_num_threads()}"
-                atomic_write_text(res_path, json.dumps(results, indent=1))
+                save_merged_json(res_path, results, indent=1)
                 print(f"[{name} ipc{ipc} {a.preset}] net {i + 1}/{a.first_net + a.nets}: {r.reported_mean:.2f}% "
                       f"({r.seconds:.0f} s)", flush=True)
     merged = merged_results(res_path.parent, also=res_path)  # every quality*.json beside it (parallel processes)

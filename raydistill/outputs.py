@@ -111,6 +111,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode())
 
 
+def save_merged_json(path: Path, results: dict, **dump) -> dict:
+    """Write a results file that other processes may be writing too (benchmarks scoring side by side): under an
+    exclusive lock, re-read what is on disk, merge ``results`` into it one level down (``results`` wins on a
+    shared key: the same measurement), write it atomically, and update ``results`` in place to the merged whole,
+    so that nobody's entries are lost to a stale copy."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = json.loads(path.read_text()) if path.exists() else {}
+        for key, value in results.items():
+            if isinstance(value, dict) and isinstance(disk.get(key), dict):
+                disk[key].update(value)
+            else:
+                disk[key] = value
+        atomic_write_text(path, json.dumps(disk, **dump))
+    results.clear()
+    results.update(disk)
+    return results
+
+
 def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False) -> bool:
     """Raise UserError unless ``out`` may receive the set with ``fingerprint``; reads only, writes nothing.
 

@@ -394,3 +394,37 @@ def test_full_disk_at_each_write_point(tmp_path: Path, point: str, nth: int, com
         [{k: v for k, v in r.items() if k != "seconds"} for r in ref.rows]
     assert verify_set(out) == [] and not sidecar(out).exists()
     assert (out / "grid.png").read_bytes() == (tmp_path / "ref" / "grid.png").read_bytes()
+
+
+def _write_many(path: str, who: str, n: int) -> None:
+    from pathlib import Path
+
+    from raydistill.outputs import save_merged_json
+
+    results = {"runs": {}}
+    for i in range(n):  # each process keeps its own stale copy, as a benchmark script does between measurements
+        results["runs"][f"{who}-{i}"] = i
+        save_merged_json(Path(path), results, indent=1)
+
+
+def test_save_merged_json_keeps_every_writers_entries(tmp_path):
+    import json
+    import multiprocessing as mp
+
+    from raydistill.outputs import save_merged_json
+
+    path = tmp_path / "results.json"
+    save_merged_json(path, {"runs": {"old": -1}, "floor": {"fid": 0.2}})
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(path), who, 30)) for who in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs) == {"old"} | {f"{w}-{i}" for w in "ab" for i in range(30)}  # nothing lost to a race
+    mine = {"runs": {"a-0": 99}}
+    save_merged_json(path, mine)
+    assert mine["runs"]["a-0"] == 99 and "b-29" in mine["runs"]  # updated in place to the merged whole
+    assert json.loads(path.read_text())["floor"] == {"fid": 0.2}
