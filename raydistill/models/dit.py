@@ -34,6 +34,7 @@ DIT_SIZES: dict[str, DiTSize] = {
     "fmnist": DiTSize(4, 192, 4, 2),  # the built-in Fashion-MNIST model (8x8x4 latents, 16 tokens)
     "fmnist-m": DiTSize(6, 256, 4, 2),  # 2.6x the compute of "fmnist": the second size of the pretraining curve
     "fmnist/4": DiTSize(4, 192, 4, 4),  # "fmnist" with patch 4: 16 tokens of a x2 VAE's 16x16 latents
+    "fmnist-m/4": DiTSize(6, 256, 4, 4),  # "fmnist-m" with patch 4: the second size of the curve on those latents
     "test": DiTSize(2, 32, 2, 2),  # tiny random model for fast tests
 }
 
