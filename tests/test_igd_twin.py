@@ -160,9 +160,11 @@ def test_fast_twin_at_batch_2_gives_each_image_its_reference_gradient(gen, traj,
                            x0_hat_twin=mv_tw.x0_hat)
 
     both = fast.gradient(ctx([0, 1]))
-    for r in (0, 1):
-        one = ref.gradient(ctx([r]))
-        assert float((both[r] - one[0]).norm() / one.norm()) < 1e-5
+    ones = [ref.gradient(ctx([r]))[0] for r in (0, 1)]
+    for r in (0, 1):  # measured: 5e-7 (AVX2; AVX-512 on 2 threads), 3.6e-5 (AVX-512 on one thread, where the
+        # convolution kernels of batch 1 and 2 differ in the gradients through the VAE decoder and the surrogate)
+        assert float((both[r] - ones[r]).norm() / ones[r].norm()) < 1e-4
+        assert float((both[r] - ones[1 - r]).norm() / ones[1 - r].norm()) > 1e-2  # the other image's: far off
 
 
 def test_twin_chain_is_independent_of_the_batch(gen, traj, real) -> None:

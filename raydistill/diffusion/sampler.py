@@ -42,12 +42,13 @@ class SamplerConfig:
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def dit_denoiser(model, pad_to: int = 8) -> Denoiser:
+def dit_denoiser(model, pad_to: int = 16) -> Denoiser:
     """``(x [B,C,h,w], t [B] model timesteps, y [B]) -> output [B, 2C, h, w]`` for a diffusers DiT.
 
-    Rows are padded with zeros to a multiple of ``pad_to``: BLAS picks different kernels for very small row counts
-    (measured on CPU: 1 or 2 rows differ from a batch of 64 by ~1e-6, 8 or more rows are bit-identical), so padding
-    makes every image's output independent of its batch. ``pad_to=1`` turns padding off. The output has the latents'
+    Rows are padded with zeros to a multiple of ``pad_to``: BLAS picks different kernels for small row counts
+    (measured on CPU: with AVX2, 1 or 2 rows differ from a batch of 64 by ~1e-6 and 8 or more are bit-identical; with
+    AVX-512, 1 and 8 rows differ by ~5e-7 and every multiple of 16 is bit-identical), so padding to 16 makes every
+    image's output independent of its batch on both. ``pad_to=1`` turns padding off. The output has the latents'
     dtype (under bf16 autocast the model computes in bf16; the CFG combination and the step stay in float32, and a
     float64 check stays float64).
     """
