@@ -219,9 +219,7 @@ class Pretrainer:
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.dit_lr, weight_decay=0.0)
         sched = Schedule.linear(1000, respace=None)
-        step = start = 0
-        if "dit" not in self.state and cfg.dit_init:
-            step = start = self._warm_start(model, ema, cfg.dit_init)
+        step = start = 0  # start: where this run's warm-up began (0, or the step of a --dit-init snapshot)
         if "dit" in self.state:
             model.load_state_dict(self.state["dit"])
             ema.load_state_dict(self.state["dit_ema"])
@@ -229,6 +227,8 @@ class Pretrainer:
             step, start = int(self.state["dit_step"]), int(self.state.get("dit_init_step", 0))
             torch.set_rng_state(self.state["dit_rng"])
             self.log(f"dit: resumed at step {step}")
+        elif cfg.dit_init:
+            step = start = self._warm_start(model, ema, cfg.dit_init)
         n_params = sum(p.numel() for p in model.parameters())
         self.log(f"dit: {cfg.dit_size}, {n_params / 1e6:.2f} M params, latents {tuple(lat_mean.shape[1:])}")
         t0, run = time.time(), 0.0
@@ -284,9 +284,10 @@ class Pretrainer:
             raise UserError(f"--dit-init {folder} does not fit --dit-size {self.cfg.dit_size} on these latents: "
                             f"{first}", "pass the --dit-size and --vae-from the snapshot was trained with") from None
         ema.load_state_dict(init)
-        torch.manual_seed(self.cfg.seed * 1000 + int(m.group(1)))
-        self.log(f"dit: initialised from {folder} at step {int(m.group(1))} (fresh optimizer, warm-up again)")
-        return int(m.group(1))
+        step = int(m.group(1))
+        torch.manual_seed(self.cfg.seed * 1000 + step)
+        self.log(f"dit: initialised from {folder} at step {step} (fresh optimizer, warm-up again)")
+        return step
 
     def snapshot(self, ema, step: int) -> Path:
         """The EMA DiT at ``step`` as a diffusers folder (fp32), written to a temporary name and renamed."""
