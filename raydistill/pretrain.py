@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -80,11 +81,13 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# What an export writes into ``--out``; anything else there (feature_net, teacher, surrogate, minimax) is left as is.
+EXPORTED = ("vae", "dit", "classifier.safetensors", "pretrain.json")
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Put the finished folder ``tmp`` at ``final``; an existing ``final`` is moved aside first and removed only once
     the new one is in place."""
-    import shutil
-
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -360,7 +363,8 @@ class Pretrainer:
         from safetensors.torch import save_file
 
         tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
+        tmp.mkdir(parents=True)
         vae.register_to_config(scaling_factor=scale)
         vae.to(torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
         dit.to(torch.float16).save_pretrained(tmp / "dit", safe_serialization=True)
@@ -369,7 +373,13 @@ class Pretrainer:
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "seconds_this_session": round(seconds, 1), "latent_scale": scale, "log": self.lines}
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
-        _replace_dir(tmp, self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in EXPORTED:  # only what pretraining makes: the feature net, teacher, surrogate and fine-tune stay
+            if (tmp / name).is_dir():
+                _replace_dir(tmp / name, self.out / name)
+            else:
+                os.replace(tmp / name, self.out / name)
+        tmp.rmdir()
         self.log(f"exported to {self.out}")
 
 

@@ -80,8 +80,19 @@ def test_export_step_ships_the_chosen_snapshot_and_names_the_ones_there(tmp_path
 
     _run(tmp_path, "w", 4)  # snapshots at steps 2 and 4, state at 4
     cfg = dataclasses.replace(_cfg(tmp_path, 4), export_step=2)
+    (tmp_path / "out2" / "minimax").mkdir(parents=True)  # assets an export must leave alone
+    (tmp_path / "out2" / "minimax" / "minimax.json").write_text("{}")
+    (tmp_path / "out2" / "teacher.json").write_text("{}")
+    (tmp_path / "out2" / "dit").mkdir()
+    (tmp_path / "out2" / "dit" / "stale.bin").write_text("old")  # an exported folder is replaced whole
+    (tmp_path / "out2.tmp").mkdir()
+    (tmp_path / "out2.tmp" / "junk").write_text("a killed export")
     p = Pretrainer(cfg, tmp_path / "w", tmp_path / "out2", log=lambda s: None)
     p.run("raydistill pretrain --export-step 2 (test)")
+    assert (tmp_path / "out2" / "minimax" / "minimax.json").exists() and (tmp_path / "out2" / "teacher.json").exists()
+    assert not (tmp_path / "out2" / "dit" / "stale.bin").exists() and not (tmp_path / "out2.tmp").exists()
+    assert sorted(x.name for x in (tmp_path / "out2").iterdir()) == sorted(
+        ["classifier.safetensors", "dit", "minimax", "pretrain.json", "teacher.json", "vae"])
     chosen = load_dit(tmp_path / "w" / "snapshots" / "step-000002").state_dict()
     last = load_dit(tmp_path / "w" / "snapshots" / "step-000004").state_dict()
     shipped = load_dit(tmp_path / "out2" / "dit").state_dict()
