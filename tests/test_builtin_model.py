@@ -26,7 +26,13 @@ def generator():
 def test_shipped_files_and_provenance():
     info = json.loads((BUILTIN_MODEL / "pretrain.json").read_text())
     assert info["command"].startswith("raydistill pretrain")
-    assert info["config"]["dit_size"] == "fmnist" and info["log"]
+    assert info["log"]
+    from raydistill.models.dit import DIT_SIZES
+
+    size = DIT_SIZES[info["config"]["dit_size"]]  # the registry entry it was trained as is the shipped architecture
+    dit = json.loads((BUILTIN_MODEL / "dit" / "config.json").read_text())
+    assert (dit["num_layers"], dit["num_attention_heads"] * dit["attention_head_dim"], dit["patch_size"]) == (
+        size.depth, size.hidden, size.patch)
     for f in ("dit/config.json", "dit/diffusion_pytorch_model.safetensors", "vae/config.json",
               "vae/diffusion_pytorch_model.safetensors", "classifier.safetensors"):
         assert (BUILTIN_MODEL / f).exists(), f

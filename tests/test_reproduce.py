@@ -67,6 +67,7 @@ def test_band_matching():
         assert expected(cfg, "convnet") == ""
     # a retrained model: the bands do not apply
     assert builtin_band(default, "convnet", model_id="0" * 64) == NO_MODEL_BAND
+    assert builtin_band(DistillConfig(method="random"), "convnet", model_id="0" * 64).mean == 72.57  # no generator
 
 
 def test_judge_warns_outside_the_band_only():
