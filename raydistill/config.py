@@ -6,6 +6,7 @@ whether an output directory may be resumed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -17,6 +18,32 @@ from raydistill.errors import UserError
 from raydistill.precision import check_precision
 
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
+BUILTIN_WEIGHTS = ("dit/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # keyed by size and mtime: a rewritten file is read again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime)."""
+    st = Path(path).stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def builtin_weights_id(root: Path | None = None) -> str | None:
+    """A short digest of the shipped DiT and VAE weights (None when they are missing): part of the fingerprint of a
+    set made with the built-in model, so retrained weights never resume a set the old ones made."""
+    root = BUILTIN_MODEL if root is None else root
+    files = [root / f for f in BUILTIN_WEIGHTS]
+    if not all(f.is_file() for f in files):
+        return None
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -156,12 +183,24 @@ class DistillConfig:
         if self.precision == "auto":
             skip.add("precision")
         key = {k: v for k, v in self.to_dict().items() if k not in skip}
+        if self.model is None and self._uses_model() and (ident := builtin_weights_id()) is not None:
+            key["builtin_weights"] = ident  # the built-in model: which weights made (or chose) the images
         extra = key.get("extra") or {}
         if extra.get("igd_impl") == "reference" and "igd_twin" not in extra:
             # IGD's reference carries the unconditional twin since it became the default (igd_twin auto): such a set
             # must not resume one made before with one copy, so the resolved value is part of its key
             key["extra"] = {**extra, "igd_twin": "on"}
         return key
+
+    def _uses_model(self) -> bool:
+        """Whether the set depends on the DiT or the VAE (every method but a plain real subset such as ``random``)."""
+        from raydistill.methods.registry import get_method
+
+        try:
+            spec = get_method(self.method)
+        except Exception:  # noqa: BLE001 - an unknown method fails where it is used; here, assume it does
+            return True
+        return spec.generative or any(p.needs_codec for p in spec.parts)
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.generation_key(), sort_keys=True, default=str).encode()

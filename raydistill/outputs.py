@@ -133,11 +133,24 @@ def save_merged_json(path: Path, results: dict, **dump) -> dict:
     return results
 
 
-def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False) -> bool:
+def _differs(run: dict, settings: dict | None) -> str:
+    """" (differs in: a, b)" between a folder's recorded settings and ``settings``; "" when either is unknown."""
+    old = run.get("settings")
+    if settings is None or not isinstance(old, dict):
+        return ""
+    new = json.loads(json.dumps(settings, default=str))  # as run.json stores them
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys == ["builtin_weights"]:
+        return " (by an earlier version of the built-in model's weights)"
+    return f" (differs in: {', '.join(keys)})" if keys else ""
+
+
+def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False, settings: dict | None = None) -> bool:
     """Raise UserError unless ``out`` may receive the set with ``fingerprint``; reads only, writes nothing.
 
     Allowed: a missing or empty folder, a raydistill folder of the same settings (resumed), or with ``overwrite`` any
     folder. Returns True when ``out`` holds a set made with other settings that ``overwrite`` will replace.
+    ``settings`` (the generation key) lets the error name the settings that differ.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -157,7 +170,7 @@ def check_output_dir(out: str | Path, fingerprint: str, overwrite: bool = False)
             raise UserError(f"{run_file} is corrupt", "delete the output directory or pass --overwrite")
         if run.get("fingerprint") != fingerprint:
             if not overwrite:
-                raise UserError(f"{out} holds a distilled set made with other settings",
+                raise UserError(f"{out} holds a distilled set made with other settings{_differs(run, settings)}",
                                 "choose another --out, or pass --overwrite to replace it")
             return True
         damage = committed_damage(out)
@@ -273,7 +286,7 @@ class DistilledSetWriter:
         self.fingerprint = fingerprint
         self.shards = shards_dir(self.out)
         run_file = self.out / "run.json"
-        if check_output_dir(self.out, fingerprint, overwrite):
+        if check_output_dir(self.out, fingerprint, overwrite, settings):
             self._clear()
         self.done = {str(r["shard"]) for r in _read_rows(self.out / MANIFEST) or []}
         self.out.mkdir(parents=True, exist_ok=True)

@@ -171,7 +171,7 @@ def preflight_distill(cfg: DistillConfig, root: str | Path, overwrite: bool) -> 
         if is_uri(c.out):  # an object store: the URI parses; its settings are checked when the job opens it
             SetStore(c.out)
         else:
-            check_output_dir(c.out, c.fingerprint(), overwrite)
+            check_output_dir(c.out, c.fingerprint(), overwrite, c.generation_key())
 
 
 def preflight_tune(cfg: DistillConfig) -> None:

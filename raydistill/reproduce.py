@@ -9,7 +9,8 @@ Two sources, one :class:`Band` (docs/REPRODUCE.md):
 - **built-in** (``raydistill/presets/bands.yaml``, docs/BENCHMARKS.md's measurements on the shipped Fashion-MNIST
   model): band = mean +- max(2 std, :data:`BUILTIN_MIN_HALFWIDTH`), std over the measured nets. The file is keyed by
   the sha256 of the shipped DiT weights, so a retrained model gets "no band measured for this model" rather than
-  false warnings; the real-image baselines (random, herding) keep theirs, since no generator makes their sets.
+  false warnings; the random real subset keeps its band (neither the DiT nor the VAE chooses it; herding's choice
+  uses the VAE's latents, so its band goes with the model).
 
 The distill table prints the band next to each accuracy and warns outside it; the MLflow run carries it as the tag
 ``expected.<net>`` (JSON) so ``raydistill compare`` shows published vs measured.
@@ -18,7 +19,6 @@ The distill table prints the band next to each accuracy and warns outside it; th
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import numbers
 from collections.abc import Mapping
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from raydistill.config import BUILTIN_MODEL, DistillConfig
+from raydistill.config import BUILTIN_MODEL, DistillConfig, file_sha256
 from raydistill.errors import UserError
 
 PUBLISHED_MIN_HALFWIDTH = 2.0
@@ -37,6 +37,7 @@ BUILTIN_WEIGHTS = BUILTIN_MODEL / "dit" / "diffusion_pytorch_model.safetensors"
 NO_MODEL_BAND = "no band measured for this model"
 NO_SETTINGS_BAND = "no band measured for these settings"
 REAL_METHODS = ("random", "herding")  # real-image baselines: the generator settings do not change them
+MODEL_FREE_METHODS = ("random",)  # its band outlives a retrained model (herding chooses by the VAE's latents)
 IGNORED_EXTRA = ("igd_cache", "modes_cache")  # where caches live, not what is made
 
 # key -> (types, required); "accuracy" and "std" are percent.
@@ -105,18 +106,9 @@ def published_band(p: Mapping[str, Any]) -> Band:
                 tuple(float(r) for r in p.get("reruns", [])))
 
 
-@functools.lru_cache(maxsize=4)
-def _sha256(path: Path, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def builtin_model_id(weights: Path = BUILTIN_WEIGHTS) -> str | None:
     """sha256 of the shipped DiT weights (None when they are missing)."""
-    return _sha256(weights, weights.stat().st_mtime_ns) if weights.is_file() else None
+    return file_sha256(weights) if weights.is_file() else None
 
 
 @functools.lru_cache(maxsize=2)
@@ -143,7 +135,7 @@ def builtin_band(cfg: DistillConfig, net: str, table: Mapping[str, Any] | None =
     table = load_bands() if table is None else table
     model_id = builtin_model_id() if model_id is None else model_id
     real = cfg.method in REAL_METHODS
-    if model_id != table["model_sha256"] and not real:  # a real-image baseline's band outlives a retrained model
+    if model_id != table["model_sha256"] and cfg.method not in MODEL_FREE_METHODS:
         return NO_MODEL_BAND
     defaults = table.get("extra_defaults", {})
     mine = _norm_extra({k: v for k, v in cfg.extra.items() if not real or k == "herding_pool"}, defaults)

@@ -225,7 +225,7 @@ class StoreSetWriter:
         self.out = Path(self.store.root) if self.store.local else self.store.out
         s = self.store
         if s.local:
-            if check_output_dir(s.root, fingerprint, overwrite):
+            if check_output_dir(s.root, fingerprint, overwrite, settings):
                 clear_set(Path(s.root))
         else:
             run = s.read(f"{s.root}/run.json")

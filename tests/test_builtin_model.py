@@ -53,3 +53,36 @@ def test_builtin_model_meets_85_percent_bar(generator):
 
     res = class_consistency(generator, load_builtin_classifier(), 10, per_class=100, seed=0)
     assert res.overall >= 85.0, res.per_class
+
+
+def test_retrained_builtin_weights_do_not_resume_an_old_set(tmp_path, monkeypatch):
+    """A set's fingerprint names the built-in weights that made it: after `raydistill pretrain` replaces them, a
+    rerun into the old folder is one clear error instead of keeping the old model's images."""
+    import shutil
+
+    import raydistill.config as config
+    from raydistill.errors import UserError
+    from raydistill.outputs import DistilledSetWriter
+
+    root = tmp_path / "fmnist"
+    for f in config.BUILTIN_WEIGHTS:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(BUILTIN_MODEL / f, root / f)
+    monkeypatch.setattr(config, "BUILTIN_MODEL", root)
+    cfg = DistillConfig(out=str(tmp_path / "set"))
+    before = cfg.generation_key()
+    assert before["builtin_weights"] == config.builtin_weights_id(root)
+    assert DistillConfig(model="/m/dit", vae="/m/vae").generation_key().get("builtin_weights") is None
+    assert "builtin_weights" not in DistillConfig(method="random").generation_key()  # chosen without the model
+    assert DistillConfig(method="herding").generation_key()["builtin_weights"] == before["builtin_weights"]  # VAE
+    DistilledSetWriter(cfg.out, ["a"], cfg.fingerprint(), before)  # the old model's set is started
+    DistilledSetWriter(cfg.out, ["a"], cfg.fingerprint(), before)  # the same weights resume it (no error)
+    dit = root / config.BUILTIN_WEIGHTS[0]
+    data = bytearray(dit.read_bytes())
+    data[-1] ^= 1  # retrained weights
+    dit.write_bytes(bytes(data))
+    assert cfg.generation_key()["builtin_weights"] != before["builtin_weights"]
+    with pytest.raises(UserError, match=r"made with other settings \(by an earlier version of the built-in model"):
+        DistilledSetWriter(cfg.out, ["a"], cfg.fingerprint(), cfg.generation_key())
+    with pytest.raises(UserError, match=r"other settings \(differs in: builtin_weights, ipc\)"):
+        DistilledSetWriter(cfg.out, ["a"], cfg.with_(ipc=3).fingerprint(), cfg.with_(ipc=3).generation_key())

@@ -233,7 +233,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "out holds other settings": (
         lambda t, m: (_distill(t, "--method", "random", "--seed", "0", "--out", str(_random_set(t / "set", seed=1))),
                       t),
-        r"set holds a distilled set made with other settings; choose another --out, or pass --overwrite"),
+        r"set holds a distilled set made with other settings \(differs in: seed\); choose another --out, or pass "
+        r"--overwrite"),
     "baseline folder holds other settings": (
         lambda t, m: (_distill(t, "--model", str(m[0]), "--vae", str(m[1]), "--out", str(t / "new"), "--seed", "0"),
                       _random_set(t / "runs" / "fashion-mnist" / "random-ipc3-seed0", classes=("0", "2"))),
