@@ -66,6 +66,9 @@ def plot(results: dict, path: Path) -> None:
         if acc:
             any_acc = True
             axes[2].plot(*zip(*acc), "o-", color=c, label=f"{tag} CFG {cfg}")
+    for label, item in sorted(results.get("accuracy_points", {}).items()):  # measured apart (benchmarks/quality.py)
+        any_acc = True
+        axes[2].plot(*zip(*item["points"]), "s--", label=label)
     if not any_acc:
         axes[2].text(0.5, 0.5, "not measured yet", ha="center", va="center", transform=axes[2].transAxes)
     floor = results.get("floor")
@@ -73,7 +76,7 @@ def plot(results: dict, path: Path) -> None:
         axes[0].axhline(floor["fid"], color="grey", ls=":", label="real vs real (same size)")
         axes[1].axhline(floor["recall"], color="grey", ls=":", label="real recall")
     for name, fid in sorted(results.get("vae_floors", {}).items()):  # what no DiT on that VAE's latents can beat
-        axes[0].axhline(fid, ls="--", lw=0.8, color="black" if name == "shipped" else "green",
+        axes[0].axhline(fid, ls="--", lw=0.8, color="black" if name.startswith("first") else "green",
                         label=f"VAE floor: {name}")
     axes[0].set_yscale("log")
     if results.get("random_ipc10"):

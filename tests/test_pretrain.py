@@ -164,3 +164,17 @@ def test_dit_init_warm_starts_from_a_snapshot_and_counts_on_from_its_step(tmp_pa
     with pytest.raises(UserError, match="not a DiT snapshot folder"):
         Pretrainer(dataclasses.replace(cfg, dit_init=str(tmp_path / "carried")), tmp_path / "w3",
                    tmp_path / "out3", log=lambda s: None).run("test")
+
+
+def test_the_recorded_command_is_the_one_given(tmp_path, monkeypatch):
+    """`raydistill pretrain ARGS` records `raydistill pretrain ARGS` (it once doubled the subcommand's name)."""
+    from raydistill.pretrain import main
+
+    _cfg(tmp_path, 2)  # the tiny VAE and classifier
+    argv = ["--dit-size", "test", "--dit-steps", "2", "--dit-batch", "8", "--dit-warmup", "2", "--train-limit", "20",
+            "--vae-from", str(tmp_path / "tiny" / "vae"), "--classifier-from", str(tmp_path / "clf.safetensors"),
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", ["raydistill", "pretrain", *argv])  # as the CLI sees it
+    main(argv)
+    assert json.loads((tmp_path / "out" / "pretrain.json").read_text())["command"] == " ".join(
+        ["raydistill", "pretrain", *argv])

@@ -31,9 +31,9 @@ DIT_SIZES: dict[str, DiTSize] = {
     "L/2": DiTSize(24, 1024, 16, 2),
     "B/2": DiTSize(12, 768, 12, 2),
     "S/2": DiTSize(12, 384, 6, 2),
-    "fmnist": DiTSize(4, 192, 4, 2),  # the built-in Fashion-MNIST model (8x8x4 latents, 16 tokens)
+    "fmnist": DiTSize(4, 192, 4, 2),  # the first built-in Fashion-MNIST model (8x8x4 latents, 16 tokens; until 12-02)
     "fmnist-m": DiTSize(6, 256, 4, 2),  # 2.6x the compute of "fmnist": the second size of the pretraining curve
-    "fmnist/4": DiTSize(4, 192, 4, 4),  # "fmnist" with patch 4: 16 tokens of a x2 VAE's 16x16 latents
+    "fmnist/4": DiTSize(4, 192, 4, 4),  # the built-in model: "fmnist" with patch 4, 16 tokens of 16x16x4 latents
     "fmnist-m/4": DiTSize(6, 256, 4, 4),  # "fmnist-m" with patch 4: the second size of the curve on those latents
     "test": DiTSize(2, 32, 2, 2),  # tiny random model for fast tests
 }
