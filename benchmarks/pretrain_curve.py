@@ -119,8 +119,8 @@ def main() -> None:
         save_merged_json(res_path, results, indent=1, sort_keys=True)
 
     snaps = [] if a.table_only else sorted((Path(a.work) / "snapshots").glob("step-[0-9]*[0-9]"))[a.every - 1::a.every]
-    todo = [(snap, int(snap.name.split("-")[1]), cfg) for snap in snaps for cfg in [float(c) for c in a.cfg.split(",")]
-            if f"{a.tag}|{int(snap.name.split('-')[1])}|{cfg:g}" not in results["runs"]]
+    todo = [(snap, step, cfg) for snap, step in ((s, int(s.name.split("-")[1])) for s in snaps)
+            for cfg in [float(c) for c in a.cfg.split(",")] if f"{a.tag}|{step}|{cfg:g}" not in results["runs"]]
     if todo or (not a.table_only and "floor" not in results):  # the feature network and test set only when needed
         ds = load_dataset("fashion-mnist")
         extractor = feature_extractor("fashion-mnist")

@@ -183,7 +183,7 @@ class DistillConfig:
         if self.precision == "auto":
             skip.add("precision")
         key = {k: v for k, v in self.to_dict().items() if k not in skip}
-        if self.model is None and self._uses_model() and (ident := builtin_weights_id()) is not None:
+        if self.model is None and self.uses_model() and (ident := builtin_weights_id()) is not None:
             key["builtin_weights"] = ident  # the built-in model: which weights made (or chose) the images
         extra = key.get("extra") or {}
         if extra.get("igd_impl") == "reference" and "igd_twin" not in extra:
@@ -192,7 +192,7 @@ class DistillConfig:
             key["extra"] = {**extra, "igd_twin": "on"}
         return key
 
-    def _uses_model(self) -> bool:
+    def uses_model(self) -> bool:
         """Whether the set depends on the DiT or the VAE (every method but a plain real subset such as ``random``)."""
         from raydistill.methods.registry import get_method
 

@@ -37,7 +37,6 @@ BUILTIN_WEIGHTS = BUILTIN_MODEL / "dit" / "diffusion_pytorch_model.safetensors"
 NO_MODEL_BAND = "no band measured for this model"
 NO_SETTINGS_BAND = "no band measured for these settings"
 REAL_METHODS = ("random", "herding")  # real-image baselines: the generator settings do not change them
-MODEL_FREE_METHODS = ("random",)  # its band outlives a retrained model (herding chooses by the VAE's latents)
 IGNORED_EXTRA = ("igd_cache", "modes_cache")  # where caches live, not what is made
 
 # key -> (types, required); "accuracy" and "std" are percent.
@@ -135,7 +134,7 @@ def builtin_band(cfg: DistillConfig, net: str, table: Mapping[str, Any] | None =
     table = load_bands() if table is None else table
     model_id = builtin_model_id() if model_id is None else model_id
     real = cfg.method in REAL_METHODS
-    if model_id != table["model_sha256"] and cfg.method not in MODEL_FREE_METHODS:
+    if model_id != table["model_sha256"] and cfg.uses_model():  # a set no model chooses keeps its band
         return NO_MODEL_BAND
     defaults = table.get("extra_defaults", {})
     mine = _norm_extra({k: v for k, v in cfg.extra.items() if not real or k == "herding_pool"}, defaults)
