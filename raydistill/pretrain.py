@@ -99,6 +99,14 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+def _forget_source(model) -> None:
+    """Drop the ``_name_or_path`` diffusers records on ``from_pretrained``: an exported config would otherwise name
+    the exporting machine's snapshot folder (and change the digest the shipped folder is keyed by with it)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    model._internal_dict = FrozenDict({k: v for k, v in model._internal_dict.items() if k != "_name_or_path"})
+
+
 def _pad32(x: torch.Tensor) -> torch.Tensor:
     """uint8 [N,1,28,28] -> float [-1, 1] padded to 32x32 with the background value."""
     return F.pad(x.float() / 127.5 - 1.0, (2, 2, 2, 2), value=-1.0)
@@ -367,8 +375,9 @@ class Pretrainer:
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
         tmp.mkdir(parents=True)
         vae.register_to_config(scaling_factor=scale)
-        vae.to(torch.float16).save_pretrained(tmp / "vae", safe_serialization=True)
-        dit.to(torch.float16).save_pretrained(tmp / "dit", safe_serialization=True)
+        for name, model in (("vae", vae), ("dit", dit)):
+            _forget_source(model)
+            model.to(torch.float16).save_pretrained(tmp / name, safe_serialization=True)
         save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp / "classifier.safetensors")
         info = {"config": asdict(self.cfg), "command": command, "device": str(self.device),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),

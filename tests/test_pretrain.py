@@ -98,6 +98,8 @@ def test_export_step_ships_the_chosen_snapshot_and_names_the_ones_there(tmp_path
     shipped = load_dit(tmp_path / "out2" / "dit").state_dict()
     assert all(torch.equal(shipped[k], chosen[k].half().float()) for k in chosen)  # step 2's EMA, in fp16
     assert not all(torch.equal(shipped[k], last[k].half().float()) for k in last)
+    for part in ("dit", "vae"):  # loaded from a folder, exported without naming it
+        assert "_name_or_path" not in json.loads((tmp_path / "out2" / part / "config.json").read_text())
     assert any("exporting the EMA snapshot of step 2" in line
                for line in json.loads((tmp_path / "out2" / "pretrain.json").read_text())["log"])
     bad = dataclasses.replace(cfg, export_step=3)
