@@ -91,11 +91,15 @@ def main() -> None:
                 from raydistill.distill import coverage_of_set
 
                 cov = coverage_of_set(cfg, cfg.out)
+                gen = cov.get("generator", {})  # FID / precision / recall / ... and the same-size real floor
                 results["coverage"][cov_key] = {"mode_coverage": cov["mode_coverage"],
-                                                "mode_distance": cov["mode_distance"]}
+                                                "mode_distance": cov["mode_distance"],
+                                                **{k: round(float(v), 4) for k, v in gen.items()}}
                 save_merged_json(res_path, results, indent=1)
+                gen_txt = f", FID {gen['gen_fid']:.2f} (floor {gen['gen_floor_fid']:.2f}), recall " \
+                          f"{gen['gen_recall']:.3f}" if gen else ""
                 print(f"[{name} ipc{ipc}] mode coverage {cov['mode_coverage']:.3f}, distance "
-                      f"{cov['mode_distance']:.3f}", flush=True)
+                      f"{cov['mode_distance']:.3f}{gen_txt}", flush=True)
             for i in range(a.first_net, a.first_net + a.nets):
                 key = f"{name}|ipc{ipc}|{a.preset}|{a.net}|epochs{a.epochs}|set{a.seed}|net{i}"
                 if key in results["runs"]:
@@ -199,7 +203,7 @@ ANCHORS = {
 def print_table(results: dict) -> None:
     cov = results.get("coverage", {})
     print(f"\n{'method':<14} {'IPC':>4} {'preset':<9} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
-          f"{'distance':>8}  published")
+          f"{'distance':>8} {'FID':>7} {'floor':>6} {'prec':>5} {'recall':>6}  published")
     for group, accs in sorted(_groups(results).items()):
         method, ipc, preset, net, epochs, set_seed = group.split("|")
         if epochs != "epochsNone":  # a shortened schedule (--epochs) is not the preset's protocol: say so
@@ -207,6 +211,8 @@ def print_table(results: dict) -> None:
         std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
         c = cov.get(f"{method}|{ipc}|{set_seed}")
         c_txt = f"{c['mode_coverage']:>8.2f} {c['mode_distance']:>8.2f}" if c else f"{'-':>8} {'-':>8}"
+        c_txt += (f" {c['gen_fid']:>7.2f} {c['gen_floor_fid']:>6.2f} {c['gen_precision']:>5.2f} {c['gen_recall']:>6.2f}"
+                  if c and "gen_fid" in c else f" {'-':>7} {'-':>6} {'-':>5} {'-':>6}")
         pub = ANCHORS.get(method, {}).get(int(ipc[3:]), "")
         print(f"{method:<14} {ipc[3:]:>4} {preset:<9} {net:<8} {len(accs):>4}  "
               f"{statistics.mean(accs):6.2f} +- {std:4.2f}  {c_txt}  {pub}")

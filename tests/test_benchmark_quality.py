@@ -28,7 +28,8 @@ def _write(folder: Path) -> None:
                   "dit|ipc10|dc|convnet|epochsNone|set0|net1": _run(72.0),
                   "random|ipc1|dc|convnet|epochsNone|set0|net0": _run(45.0),
                   "random|ipc10|dsa|convnet|epochsNone|set0|net0": _run(74.0)},
-         "coverage": {"dit|ipc10|set0": {"mode_coverage": 0.11, "mode_distance": 1.82}}}
+         "coverage": {"dit|ipc10|set0": {"mode_coverage": 0.11, "mode_distance": 1.82, "gen_fid": 12.34,
+                                         "gen_floor_fid": 2.38, "gen_precision": 0.97, "gen_recall": 0.58}}}
     b = {"runs": {"dit|ipc10|dc|convnet|epochsNone|set0|net2": _run(74.0)}, "coverage": {}}
     (folder / "quality.json").write_text(json.dumps(a))
     (folder / "quality-b.json").write_text(json.dumps(b))
@@ -45,6 +46,7 @@ def test_parallel_result_files_merge_and_group_per_set(quality, tmp_path: Path, 
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("dit "))
     assert f"{statistics.mean([70, 72, 74]):6.2f} +- {statistics.pstdev([70, 72, 74]):4.2f}" in row
     assert "0.11" in row and row.split()[4] == "3"  # coverage joined, 3 nets
+    assert row.split()[10:14] == ["12.34", "2.38", "0.97", "0.58"]  # the set's FID, its real floor, precision, recall
 
 
 def test_plot_draws_one_panel_per_setting(quality, tmp_path: Path) -> None:
