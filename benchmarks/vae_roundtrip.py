@@ -4,7 +4,7 @@ The ``recon`` baseline (benchmarks/quality.py) measures what the round trip cost
 pixels differ. For the random subset of ``--ipc`` images per class (seed 0, the same images as ``recon``), each VAE
 encodes the posterior mean and decodes, quantised to uint8 as sets are stored.
 
-    python benchmarks/vae_roundtrip.py --ipc 50 --vae candidates/vae-x2 raydistill/assets/fmnist/vae
+    python benchmarks/vae_roundtrip.py --ipc 50 --vae candidates/vae-x2-ft2800 raydistill/assets/fmnist/vae
 """
 
 from __future__ import annotations
