@@ -106,13 +106,27 @@ def _config(a: argparse.Namespace, **extra):
     if getattr(a, "plugin", None):
         over["plugins"] = tuple(a.plugin)
     over.update(extra)
-    preset = read_config_yaml(a.preset, "preset") if getattr(a, "preset", None) else {}
+    preset = read_config_yaml(a.preset, "preset") if getattr(a, "preset", None) else _builtin_default(a)
     data = {**preset, **(read_config_yaml(a.config, "config") if a.config else {})}
     data["extra"] = {**(preset.get("extra") or {}), **(data.get("extra") or {})}
     data.update(over)
     cfg = DistillConfig.from_dict(data)
     sets = dict(getattr(a, "set", None) or [])
     return cfg.with_(extra={**cfg.extra, **sets}) if sets else cfg
+
+
+def _builtin_default(a: argparse.Namespace) -> dict:
+    """``raydistill distill`` with no method, preset, config or model of its own on the built-in dataset: the best
+    measured preset for the built-in model (``raydistill/presets/fmnist-default.yaml``, docs/BENCHMARKS.md section 2),
+    next to its baselines. Any of ``--method``, ``--preset``, ``--config``, ``--model`` or another ``--dataset``
+    leaves the library defaults (``DistillConfig``) in force."""
+    from raydistill.config import BUILTIN_DEFAULT_PRESET, read_config_yaml
+
+    if getattr(a, "command", None) != "distill" or any(getattr(a, k, None) for k in ("method", "config", "model")):
+        return {}
+    if (a.dataset or "fashion-mnist") != "fashion-mnist" or not BUILTIN_DEFAULT_PRESET.is_file():
+        return {}
+    return read_config_yaml(BUILTIN_DEFAULT_PRESET, "built-in default preset")
 
 
 def cmd_distill(a: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from raydistill.errors import UserError
 from raydistill.precision import check_precision
 
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "fmnist"
+BUILTIN_DEFAULT_PRESET = Path(__file__).parent / "presets" / "fmnist-default.yaml"  # what `raydistill distill` runs
 BUILTIN_WEIGHTS = ("dit/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
 
 

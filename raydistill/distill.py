@@ -59,11 +59,22 @@ def set_dir(root: str | Path, cfg: DistillConfig, method: str) -> Path:
 
 
 def set_configs(cfg: DistillConfig, root: str | Path) -> dict[str, DistillConfig]:
-    """One config per set the main job makes: the method (into ``cfg.out`` when given) and each baseline."""
+    """One config per set the main job makes: the method (into ``cfg.out`` when given) and each baseline.
+
+    A generative baseline (``dit`` beside ``mgd3``, say) samples with the method's generator settings (CFG scale,
+    steps) but keeps only the method parameters of its own parts, so it is the plain baseline at the same CFG: its
+    fingerprint, expected band and tracked parameters are those of that baseline run on its own. Real-image baselines
+    keep ``extra`` whole (they ignore it; their sets made before keep their fingerprint)."""
     methods = [cfg.method] + [b for b in cfg.baselines if b != cfg.method]
-    return {m: cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)),
-                         published=cfg.published if m == cfg.method else {})  # a paper cell's figure: its method's
-            for m in methods}
+    out = {}
+    for m in methods:
+        c = cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)),
+                      published=cfg.published if m == cfg.method else {})  # a paper cell's figure: its method's
+        if m != cfg.method and get_method(m).generative:
+            own = get_method(m).param_keys()
+            c = c.with_(extra={k: v for k, v in cfg.extra.items() if k in own})
+        out[m] = c
+    return out
 
 
 class ShardRunner:
