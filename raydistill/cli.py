@@ -419,10 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     from raydistill.methods import method_names, methods_help
 
-    d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, method dit)",
+    d = sub.add_parser("distill", help="distill a dataset (default: built-in Fashion-MNIST, IPC 10, the built-in "
+                       "preset raydistill/presets/fmnist-default.yaml beside plain DiT and random)",
                        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(d)
-    d.add_argument("--method", help=f"{', '.join(method_names())}, or more parts joined by '+' (default dit; "
+    d.add_argument("--method", help=f"{', '.join(method_names())}, or more parts joined by '+' (default: the "
+                   "built-in preset's on Fashion-MNIST, else dit; "
                    "minimax*: --set finetune=DIR from `raydistill finetune`; parameters: see below)")
     d.add_argument("--preset", help="YAML of config keys incl. extra (e.g. a tune study's best.yaml); --config and "
                    "flags override it")
