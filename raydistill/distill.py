@@ -70,9 +70,9 @@ def set_configs(cfg: DistillConfig, root: str | Path) -> dict[str, DistillConfig
     for m in methods:
         c = cfg.with_(method=m, out=cfg.out if (m == cfg.method and cfg.out) else str(set_dir(root, cfg, m)),
                       published=cfg.published if m == cfg.method else {})  # a paper cell's figure: its method's
-        if m != cfg.method and get_method(m).generative:
-            own = get_method(m).param_keys()
-            c = c.with_(extra={k: v for k, v in cfg.extra.items() if k in own})
+        spec = get_method(m)
+        if m != cfg.method and spec.generative:
+            c = c.with_(extra={k: v for k, v in cfg.extra.items() if k in spec.param_keys()})
         out[m] = c
     return out
 

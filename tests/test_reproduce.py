@@ -52,7 +52,6 @@ def test_band_matching():
     default = DistillConfig()
     assert expected(default, "convnet").mean == 71.73  # plain DiT, IPC 10, dc (section 1)
     assert expected(default, "resnet18") == NO_SETTINGS_BAND  # measured with ConvNet-3 only
-    # the tuned presets have their own bands; the default job's random baseline ignores the generator settings
     # the tuned presets were measured on the first model only; the random baseline ignores the generator settings
     assert expected(DistillConfig.from_dict(IGD_TUNED), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig.from_dict(MGD3_IGD_TUNED), "convnet") == NO_SETTINGS_BAND
