@@ -9,7 +9,10 @@ default rows are the main tables' cells).
     python benchmarks/ablations.py --tables igd-terms,cfg --dry-run              # the commands only
     python benchmarks/ablations.py --table-only                                  # the tables from the results
 
-``--best YAML`` names the best method's preset (default: the tuned MGD3+IGD of ``jobs/configs``) for the CFG table.
+``--best YAML`` names the best method's preset for the CFG table (default: ``raydistill/presets/fmnist-default.yaml``,
+the best measured preset on the shipped model). A best-method row with the preset's own parameters at CFG 4 is the
+method's main-table cell, so it is read from there instead of being run again. ``--root`` is where the sets go
+(``benchmarks/quality.py --root``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_BEST = HERE.parent / "jobs" / "configs" / "fmnist-mgd3+igd-tuned.yaml"
+DEFAULT_BEST = HERE.parent / "raydistill" / "presets" / "fmnist-default.yaml"
+DEFAULT_CFG = 4.0  # benchmarks/quality.py's --cfg-scale default: the CFG of the main tables' cells
 
 
 @dataclass(frozen=True)
@@ -65,15 +69,19 @@ def tables(best: Path = DEFAULT_BEST) -> dict[str, tuple[str, list[Row]]]:
             Row("dit, CFG 4 (default)", "dit"),
             Row("dit, CFG 2", "dit", cfg_scale=2.0, tag="-cfg2.0"),
             Row("dit, CFG 1", "dit", cfg_scale=1.0, tag="-cfg1.0"),
-            *[Row(f"{method} ({best.stem}), CFG {c:g}", method, extra, c, tag=f"-best-cfg{c:g}")
+            *[Row(f"{method} ({best.stem}), CFG {c:g}", method, extra, c,
+                  tag="" if not extra and c == DEFAULT_CFG else f"-best-cfg{c:g}")  # "" = the main cell
               for c in (4.0, 2.0, 1.0)]]),
     }
 
 
-def command(row: Row, ipc: int, preset: str, nets: int, results: Path, threads: int | None) -> list[str]:
+def command(row: Row, ipc: int, preset: str, nets: int, results: Path, threads: int | None,
+            root: str | None = None) -> list[str]:
     """The ``benchmarks/quality.py`` command line of one row."""
     cmd = [sys.executable, str(HERE / "quality.py"), "--methods", row.method, "--ipc", str(ipc), "--preset", preset,
            "--nets", str(nets), "--cfg-scale", f"{row.cfg_scale:g}", "--results", str(results)]
+    if root:
+        cmd += ["--root", root]
     if row.tag:
         cmd.append(f"--tag={row.tag}")
     for k, v in sorted(row.extra.items()):
@@ -118,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="dc")
     ap.add_argument("--nets", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--root", default=None, help="where the sets go (benchmarks/quality.py --root)")
     ap.add_argument("--best", type=Path, default=DEFAULT_BEST, help="the best method's preset YAML (CFG table)")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "quality-ablations.json")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             have = len(accuracies(merged_results(a.results.parent, also=a.results), row, a.ipc, a.preset))
             if a.table_only or have >= a.nets:
                 continue
-            cmd = command(row, a.ipc, a.preset, a.nets, a.results, a.threads)
+            cmd = command(row, a.ipc, a.preset, a.nets, a.results, a.threads, a.root)
             print("$ python " + shlex.join([str(Path(cmd[1]).relative_to(HERE.parent)), *cmd[2:]]), flush=True)
             if not a.dry_run:
                 subprocess.run(cmd, check=True)

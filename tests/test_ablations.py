@@ -21,9 +21,15 @@ def test_rows_are_quality_commands_with_their_variant(tmp_path: Path) -> None:
                        "--results", str(tmp_path / "q.json"), "--tag=-gamma0", "--set", "igd_gamma=0.0",
                        "--threads", "1"]
     best = [r for r in dict(abl.tables())["cfg"][1] if r.tag == "-best-cfg2"][0]
-    assert best.method == "mgd3+igd" and best.cfg_scale == 2.0 and best.extra["t_stop"] == 11  # the tuned preset
-    assert "--cfg-scale" in (c := abl.command(best, 10, "dc", 3, tmp_path / "q.json", None)) and \
-        c[c.index("--cfg-scale") + 1] == "2"
+    assert best.method == "mgd3" and best.cfg_scale == 2.0 and best.extra == {}  # the shipped default preset
+    assert "--cfg-scale" in (c := abl.command(best, 10, "dc", 3, tmp_path / "q.json", None, "runs/m3")) and \
+        c[c.index("--cfg-scale") + 1] == "2" and c[c.index("--root") + 1] == "runs/m3"
+    # the default preset at its own CFG is MGD3's main-table cell: read from there, not run again
+    assert [r.name for r in dict(abl.tables())["cfg"][1] if r.method == "mgd3"] == \
+        ["mgd3", "mgd3-best-cfg2", "mgd3-best-cfg1"]
+    tuned = Path(abl.HERE.parent / "jobs" / "configs" / "fmnist-mgd3+igd-tuned.yaml")
+    assert [r.tag for r in dict(abl.tables(tuned))["cfg"][1] if r.method == "mgd3+igd"] == \
+        ["-best-cfg4", "-best-cfg2", "-best-cfg1"]  # a preset with its own parameters is a row of its own
     assert {r.name for r in dict(abl.tables())["mgd3-stop"][1]} == {"mgd3", "mgd3-nostop"}
 
 
