@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,6 +109,13 @@ def test_epoch_specs(traj):
         resolve_epochs(traj, "fashion-mnist", "preset")
     assert igd_preset("imagewoof", 10) == (5, 50) and igd_preset("imagenette", 50, "minimax") == (15, 10)
     assert igd_preset("imagenet-1k", 100) == (5, 120)
+    # Fashion-MNIST: the ImageNette gamma rescaled to the latent's size (the paper's 4x32x32 latents = 4,096 values);
+    # the shipped 4x16x16 latents get 12.5 / 30, the first model's 4x8x8 ones 3.125 / 7.5. The paper's own datasets
+    # are not rescaled.
+    assert igd_preset("fashion-mnist", 10, latent_numel=4 * 16 * 16) == (5, 12.5)
+    assert igd_preset("fashion-mnist", 50, "minimax", latent_numel=4 * 16 * 16) == (5, 30.0)
+    assert igd_preset("fashion-mnist", 10, latent_numel=4 * 8 * 8) == (5, 3.125)
+    assert igd_preset("imagewoof", 10, latent_numel=4 * 8 * 8) == (5, 50)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,9 +300,11 @@ def test_igd_config_errors(gen, fmnist, traj):
         terms(DistillConfig(**{**base, "extra": {**base["extra"], "surrogate": "/nonexistent"}}))
     t = terms(DistillConfig(**base))
     assert [x.name for x in t] == ["igd-deviation", "igd-influence"]
-    assert (t[1].scale, t[0].gamma) == igd_preset("fashion-mnist", 10)
+    numel = math.prod(gen.latent_shape)  # the run's latent size sets the Fashion-MNIST gamma
+    assert (t[1].scale, t[0].gamma) == igd_preset("fashion-mnist", 10, latent_numel=numel)
+    assert t[0].gamma == 50 * numel / 4096
     m = terms(DistillConfig(**{**base, "method": "minimax-igd"}))  # the Minimax row of the presets (spec 2.3)
-    assert (m[1].scale, m[0].gamma) == igd_preset("fashion-mnist", 10, "minimax")
+    assert (m[1].scale, m[0].gamma) == igd_preset("fashion-mnist", 10, "minimax", latent_numel=numel)
 
 
 def test_distill_igd_end_to_end_and_window_outside_steps_is_refused(tiny_model, traj, tmp_path):
