@@ -191,7 +191,24 @@ class DistillConfig:
             # IGD's reference carries the unconditional twin since it became the default (igd_twin auto): such a set
             # must not resume one made before with one copy, so the resolved value is part of its key
             key["extra"] = {**extra, "igd_twin": "on"}
+        if "igd_gamma" not in extra and self._rescales_igd_gamma():
+            # Fashion-MNIST's default gamma follows the latent size since 2026-12-06 (it was a constant 3.125 before):
+            # a set made with the old default must not be resumed as one of the new
+            key["extra"] = {**key.get("extra", {}), "igd_gamma": "latent-scaled"}
         return key
+
+    def _rescales_igd_gamma(self) -> bool:
+        """Whether this run's IGD deviation weight comes from the latent-size rule (raydistill.methods.igd.guidance)."""
+        from raydistill.methods.igd.guidance import LATENT_SCALED
+        from raydistill.methods.registry import get_method
+
+        if self.dataset not in LATENT_SCALED:
+            return False
+        try:
+            spec = get_method(self.method)
+        except Exception:  # noqa: BLE001 - an unknown method fails where it is used
+            return False
+        return any(part.name == "igd" for part in spec.parts)
 
     def uses_model(self) -> bool:
         """Whether the set depends on the DiT or the VAE (every method but a plain real subset such as ``random``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -120,6 +121,23 @@ def test_epoch_specs(traj):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # influence guidance
+
+
+def test_sets_made_with_the_old_constant_gamma_do_not_resume(tmp_path):
+    """Fashion-MNIST's default gamma follows the latent size since 2026-12-06; the sets of the old constant (3.125 for
+    every latent) were keyed with an empty extra and must be refused, not resumed, by a default IGD run."""
+    from raydistill.outputs import DistilledSetWriter
+
+    cfg = DistillConfig(method="igd", out=str(tmp_path / "igd"))
+    assert cfg.generation_key()["extra"] == {"igd_gamma": "latent-scaled"}
+    assert DistillConfig(method="mgd3+igd").generation_key()["extra"] == {"igd_gamma": "latent-scaled"}
+    assert DistillConfig(method="igd", extra={"igd_gamma": 12.5}).generation_key()["extra"] == {"igd_gamma": 12.5}
+    assert DistillConfig(method="mgd3").generation_key()["extra"] == {}  # no IGD part: key unchanged
+    old_key = {**cfg.generation_key(), "extra": {}}
+    old_fp = hashlib.sha256(json.dumps(old_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    DistilledSetWriter(cfg.out, ["a"], old_fp, old_key)  # a set of the old default
+    with pytest.raises(UserError, match="differs in: extra"):
+        DistilledSetWriter(cfg.out, ["a"], cfg.fingerprint(), cfg.generation_key())
 
 
 def test_influence_gradient_matches_finite_differences(gen, traj, fmnist):
