@@ -202,7 +202,8 @@ ANCHORS = {
 
 def print_table(results: dict) -> None:
     cov = results.get("coverage", {})
-    print(f"\n{'method':<14} {'IPC':>4} {'preset':<9} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
+    w = max([14, *(len(g.split("|")[0]) for g in _groups(results))])  # tagged names (igd-gamma3.125) stay aligned
+    print(f"\n{'method':<{w}} {'IPC':>4} {'preset':<9} {'net':<8} {'nets':>4}  {'accuracy':<15} {'coverage':>8} "
           f"{'distance':>8} {'FID':>7} {'floor':>6} {'prec':>5} {'recall':>6}  published")
     for group, accs in sorted(_groups(results).items()):
         method, ipc, preset, net, epochs, set_seed = group.split("|")
@@ -214,7 +215,7 @@ def print_table(results: dict) -> None:
         c_txt += (f" {c['gen_fid']:>7.2f} {c['gen_floor_fid']:>6.2f} {c['gen_precision']:>5.2f} {c['gen_recall']:>6.2f}"
                   if c and "gen_fid" in c else f" {'-':>7} {'-':>6} {'-':>5} {'-':>6}")
         pub = ANCHORS.get(method, {}).get(int(ipc[3:]), "")
-        print(f"{method:<14} {ipc[3:]:>4} {preset:<9} {net:<8} {len(accs):>4}  "
+        print(f"{method:<{w}} {ipc[3:]:>4} {preset:<9} {net:<8} {len(accs):>4}  "
               f"{statistics.mean(accs):6.2f} +- {std:4.2f}  {c_txt}  {pub}")
     ipcs = sorted({int(g.split("|")[1][3:]) for g in _groups(results)})
     print("published distillation anchors: " + "; ".join(
