@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import torch
 
@@ -91,6 +93,18 @@ def test_local_ray_listens_on_loopback_only(ray_local):
             listening.append(conn.laddr.ip)
     assert listening, "Ray opened no listening sockets?"
     assert set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, listening
+
+
+def test_local_ray_workers_run_at_the_drivers_priority(ray_local):
+    """Ray's default worker niceness (15) starves the job's own work beside any ordinary process; the local Ray that
+    raydistill starts runs its workers at niceness 0 (the driver's, here)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0) == 0
 
 
 def test_surrogate_job_trains_and_selects_as_a_ray_task(ray_local, tmp_path):

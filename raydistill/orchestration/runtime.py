@@ -215,6 +215,11 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
     else:
         # address="local": always a new private Ray; without it ray.init joins whatever local cluster another
         # process started (it finds /tmp/ray/ray_current_cluster), and trials land on, and die with, that cluster.
+        # Its workers do the job's work, so they run at the driver's priority: Ray's default (worker_niceness 15)
+        # gives them ~3% of a core beside any ordinary process, and a distillation or a test on a busy machine
+        # then crawls (measured: the test suite beside two benchmark processes). RAY_worker_niceness set by the
+        # user wins.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  _node_ip_address="127.0.0.1", runtime_env=runtime_env(), logging_level=_level(quiet))
     if quiet:
