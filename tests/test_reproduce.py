@@ -26,6 +26,7 @@ from tests.conftest import needs_fmnist
 REPO = Path(__file__).resolve().parents[1]
 IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-igd-tuned.yaml").read_text())
 MGD3_IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-mgd3+igd-tuned.yaml").read_text())
+MGD3_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-mgd3-tuned.yaml").read_text())
 
 # typed from docs/BENCHMARKS.md: (method, IPC, preset) -> (mean, std, nets), method defaults at CFG 4
 BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("random", 10, "dc"): (72.57, 0.34, 5),  # sections 11, 7
@@ -35,7 +36,11 @@ BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("random", 10, "dc"): (72.5
               ("igd", 10, "dc"): (73.81, 0.28, 3), ("mgd3+igd", 10, "dc"): (77.27, 0.09, 3),  # section 7, gamma 12.5
               ("minimax-igd", 10, "dc"): (72.94, 0.60, 3),
               ("mgd3", 50, "dc"): (79.76, 0.13, 3), ("dit", 50, "dc"): (73.18, 0.06, 3),  # section 9
-              ("mgd3", 10, "dsa"): (78.66, 0.15, 3)}  # section 12
+              ("mgd3", 10, "dsa"): (78.66, 0.15, 3),  # section 12
+              **{(m, 1, "dc"): (mean, std, 5) for m, mean, std in  # section 11
+                 [("dit", 60.42, 0.23), ("minimax", 60.23, 0.34), ("minimax-igd", 60.89, 0.30), ("igd", 61.77, 0.37),
+                  ("minimax+mgd3", 62.03, 0.72), ("herding", 63.37, 0.38), ("mgd3", 65.25, 0.56),
+                  ("mgd3+igd", 65.66, 0.56)]}}
 
 
 def test_bands_file_is_keyed_to_the_shipped_model():
@@ -56,9 +61,14 @@ def test_band_matching():
     default = DistillConfig()
     assert expected(default, "convnet").mean == 71.73  # plain DiT, IPC 10, dc (section 1)
     assert expected(default, "resnet18") == NO_SETTINGS_BAND  # measured with ConvNet-3 only
-    # the tuned presets were measured on the first model only; the random baseline ignores the generator settings
-    assert expected(DistillConfig.from_dict(IGD_TUNED), "convnet") == NO_SETTINGS_BAND
-    assert expected(DistillConfig.from_dict(MGD3_IGD_TUNED), "convnet") == NO_SETTINGS_BAND
+    # the shipped tuned presets have the bands of their full evaluation (section 8); another weight has none, and
+    # the random baseline ignores the generator settings
+    assert expected(DistillConfig.from_dict(IGD_TUNED), "convnet").mean == 75.15
+    assert expected(DistillConfig.from_dict(MGD3_TUNED), "convnet").mean == 77.25
+    assert expected(DistillConfig.from_dict(MGD3_IGD_TUNED), "convnet").mean == 77.22
+    tweaked = {**IGD_TUNED, "extra": {**IGD_TUNED["extra"], "igd_scale": 7.0}}
+    assert expected(DistillConfig.from_dict(tweaked), "convnet") == NO_SETTINGS_BAND
+    assert expected(DistillConfig.from_dict({**IGD_TUNED, "cfg_scale": 4.0}), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig.from_dict({**IGD_TUNED, "method": "random"}), "convnet").mean == 72.57
     assert expected(DistillConfig(method="herding"), "convnet").mean == 74.97  # measured on this model's VAE
     assert expected(DistillConfig(method="mgd3", cfg_scale=1.5), "convnet").mean == 76.60

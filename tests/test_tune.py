@@ -206,16 +206,19 @@ budget: {{num_samples: 1}}
 
 
 @pytest.mark.parametrize("preset, study_best, method, expected", [
-    ("fmnist-mgd3+igd-tuned.yaml", "mgd3+igd-best.yaml", "mgd3+igd",
+    ("fmnist-mgd3+igd-tuned.yaml", "m3/mgd3+igd-best.yaml", "mgd3+igd",
      {"cfg_scale": 3.5816103691334944, "igd_scale": 17.805487040095848, "igd_gamma": 3.3319343551039444,
       "mode_scale": 0.17634952302877413, "t_stop": 11}),
-    ("fmnist-igd-tuned.yaml", "igd-best.yaml", "igd",
-     {"cfg_scale": 1.6024338098404867, "igd_scale": 12.739233746429086, "igd_gamma": 4.1762580021629265}),
+    ("fmnist-igd-tuned.yaml", "m3/igd-best.yaml", "igd",
+     {"cfg_scale": 2.3046734776898554, "igd_scale": 7.155903934181405, "igd_gamma": 20.658904304557524}),
+    ("fmnist-mgd3-tuned.yaml", "m3/mgd3-best.yaml", "mgd3",
+     {"cfg_scale": 2.8461553344437616, "mode_scale": 0.1969604478764867, "t_stop": 14}),
 ])
 def test_shipped_tuned_preset_is_the_benchmarked_configuration(preset, study_best, method, expected) -> None:
     """A shipped tuned preset (jobs/configs) reads through `distill --preset` into the settings that
     docs/BENCHMARKS.md section 8 evaluated (the values of its `benchmarks/quality.py --set` command), equal to its
-    study's best.yaml (copied to benchmarks/results), and parses into the method's typed parameters."""
+    study's best.yaml on the shipped model (copied to benchmarks/results/m3), and parses into the method's typed
+    parameters."""
     from raydistill.cli import _config, build_parser
     from raydistill.methods import get_method
 

@@ -50,7 +50,7 @@ def _evaluate_task(out: str, cfg_dict: dict, net: str, threads: int) -> dict:
 def auto_pool_size(cpus: float, gpus: float, n_shards: int) -> int:
     """Sampler actors when ``--pool-size`` is not given: one per GPU, else one per CPU (each with one thread), never
     more than there are shards. On the 2-core CPU two 1-thread actors sample the default job's 100 images 1.7x
-    faster than one 2-thread actor (docs/BENCHMARKS.md section 8): OpenMP threads wait on each other while Ray's
+    faster than one 2-thread actor (docs/BENCHMARKS.md section 10): OpenMP threads wait on each other while Ray's
     own processes share the cores."""
     per = int(gpus) if gpus >= 1 else int(cpus)
     return max(1, min(per, n_shards))
