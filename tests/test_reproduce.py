@@ -72,6 +72,9 @@ def test_band_matching():
     assert expected(DistillConfig.from_dict({**IGD_TUNED, "method": "random"}), "convnet").mean == 72.57
     assert expected(DistillConfig(method="herding"), "convnet").mean == 74.97  # measured on this model's VAE
     assert expected(DistillConfig(method="mgd3", cfg_scale=1.5), "convnet").mean == 76.60
+    assert [expected(DistillConfig(method=m, cfg_scale=c), "convnet").mean for m in ("dit", "mgd3") for c in (2, 1)] \
+        == [72.14, 71.32, 76.70, 76.11]  # the CFG ablation (section 7)
+    assert expected(DistillConfig(method="mgd3", cfg_scale=3.0), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(method="mgd3", extra={"mode_scale": 0.2}), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(cfg_scale=1.5), "convnet").mean == 71.85
     assert expected(DistillConfig(method="igd", ipc=50), "convnet") == NO_SETTINGS_BAND  # not measured
