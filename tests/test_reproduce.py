@@ -41,10 +41,10 @@ BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("random", 10, "dc"): (72.5
               ("minimax", 50, "dc"): (74.47, 0.03, 3), ("igd", 50, "dc"): (76.34, 0.05, 2),
               **{(m, 50, "dc"): (mean, 0.0, 1) for m, mean in  # section 9: one net each
                  [("mgd3+igd", 80.29), ("minimax+mgd3", 80.01), ("minimax-igd", 77.20), ("herding", 80.37)]},
-              ("mgd3", 10, "dsa"): (78.66, 0.15, 3),  # section 12
               **{(m, 10, "dsa"): (mean, std, 3) for m, mean, std in  # section 12
-                 [("minimax+mgd3", 79.04, 0.22), ("mgd3+igd", 78.43, 0.20), ("herding", 76.76, 0.16),
-                  ("igd", 74.69, 0.13), ("minimax-igd", 74.78, 0.35), ("minimax", 74.44, 0.47), ("dit", 72.11, 0.42)]},
+                 [("minimax+mgd3", 79.04, 0.22), ("mgd3", 78.66, 0.15), ("mgd3+igd", 78.43, 0.20),
+                  ("herding", 76.76, 0.16), ("igd", 74.69, 0.13), ("minimax-igd", 74.78, 0.35),
+                  ("minimax", 74.44, 0.47), ("dit", 72.11, 0.42)]},
               **{(m, 1, "dc"): (mean, std, 5) for m, mean, std in  # section 11
                  [("dit", 60.42, 0.23), ("minimax", 60.23, 0.34), ("minimax-igd", 60.89, 0.30), ("igd", 61.77, 0.37),
                   ("minimax+mgd3", 62.03, 0.72), ("herding", 63.37, 0.38), ("mgd3", 65.25, 0.56),
