@@ -143,18 +143,20 @@ def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):
 def _empty_store_template() -> Path:
     """An empty sqlite store at MLflow's current schema, made once per MLflow version in ``~/.cache/raydistill``.
 
-    MLflow builds a new sqlite store by running every schema migration since its first release: 5-8 s on a 2-core
-    machine (measured 2026-12-07), paid again by every new output root (and by the test suite's 17). The template is
+    MLflow builds a new sqlite store by running every schema migration since its first release: 8.1 s on this 2-core
+    machine under load, against 1.9 s to open a seeded copy (2026-12-07, docs/RELIABILITY.md), paid again by every
+    new output root (and by the test suite's 17). The template is
     made by MLflow itself (``SqlAlchemyStore``), in a temporary file renamed into place, so a reader never sees a
     half-made one.
     """
-    import mlflow
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from importlib.metadata import version
 
     home = os.environ.get("RAYDISTILL_CACHE")
     cache = Path(home) if home else Path.home() / ".cache" / "raydistill"
-    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    template = cache / f"mlflow-{version('mlflow')}-empty.db"
     if not template.is_file():
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
         cache.mkdir(parents=True, exist_ok=True)
         tmp = template.with_name(f"{template.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
