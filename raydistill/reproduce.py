@@ -64,7 +64,7 @@ class Band:
 
     def text(self) -> str:
         """'43.3 +- 0.3 [41.3, 45.3] reruns 35.6/35.8' (published), '69.45 +- 0.42 [68.45, 70.45] 5 nets', or
-        '80.37 [79.37, 81.37] 1 net' (one net has no spread to print)."""
+        '80.53 [79.53, 81.53] 1 net' (one net has no spread to print)."""
         pm = "" if self.std is None or self.nets == 1 else f" +- {self.std:g}"
         tail = (f" reruns {'/'.join(f'{r:g}' for r in self.reruns)}" if self.reruns else
                 f" {self.nets} net{'s' * (self.nets != 1)}" if self.nets else "")
