@@ -128,11 +128,11 @@ def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri.startswith("sqlite:///"):
-        seed_sqlite_store(Path(tracking_uri[len("sqlite:///"):]))
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    if db is not None:
+        seed_sqlite_store(db)
     mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(experiment) is None and tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///"):])
+    if db is not None and mlflow.get_experiment_by_name(experiment) is None:
         try:
             mlflow.create_experiment(experiment, artifact_location=(db.parent / "mlartifacts").resolve().as_uri())
         except MlflowException:  # created meanwhile by another process
@@ -145,9 +145,8 @@ def _empty_store_template() -> Path:
 
     MLflow builds a new sqlite store by running every schema migration since its first release: 8.1 s on this 2-core
     machine under load, against 1.9 s to open a seeded copy (2026-12-07, docs/RELIABILITY.md), paid again by every
-    new output root (and by the test suite's 17). The template is
-    made by MLflow itself (``SqlAlchemyStore``), in a temporary file renamed into place, so a reader never sees a
-    half-made one.
+    new output root (and by the test suite's 17). The template is made by MLflow itself (``SqlAlchemyStore``), in a
+    temporary file renamed into place, so a reader never sees a half-made one.
     """
     from importlib.metadata import version
 
@@ -176,18 +175,17 @@ def seed_sqlite_store(db: Path) -> None:
     """
     import shutil
     import sqlite3
+    from contextlib import closing
 
     if db.exists() or not db.parent.is_dir():
         return
     tmp = db.with_name(f"{db.name}.tmp-{os.getpid()}")
     try:
         shutil.copyfile(_empty_store_template(), tmp)
-        con = sqlite3.connect(tmp)
-        with con:
+        with closing(sqlite3.connect(tmp)) as con, con:  # closed even when the update fails
             now = int(time.time() * 1000)
             con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
                         "WHERE experiment_id = 0", ((db.parent / "mlartifacts" / "0").resolve().as_uri(), now, now))
-        con.close()
         os.link(tmp, db)  # fails if another process made db meanwhile: theirs stands
     except (OSError, sqlite3.Error):
         pass
