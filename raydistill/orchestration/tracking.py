@@ -143,10 +143,11 @@ def set_experiment(tracking_uri: str, experiment: str = EXPERIMENT):
 def _empty_store_template() -> Path:
     """An empty sqlite store at MLflow's current schema, made once per MLflow version in ``~/.cache/raydistill``.
 
-    MLflow builds a new sqlite store by running every schema migration since its first release: 8.1 s on this 2-core
-    machine under load, against 1.9 s to open a seeded copy (2026-12-07, docs/RELIABILITY.md), paid again by every
-    new output root (and by the test suite's 17). The template is made by MLflow itself (``SqlAlchemyStore``), in a
-    temporary file renamed into place, so a reader never sees a half-made one.
+    MLflow builds a new sqlite store by running every schema migration since its first release: 1.17 s on an idle
+    2-core machine against 0.04 s for a seeded copy, and several seconds under load (benchmarks/mlflow_store.py,
+    docs/RELIABILITY.md), paid again by every new output root (and by the test suite's 17). The template is made by
+    MLflow itself (``SqlAlchemyStore``), in a temporary file renamed into place, so a reader never sees a half-made
+    one.
     """
     from importlib.metadata import version
 
