@@ -28,6 +28,8 @@ IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-igd-tuned.yaml").read_te
 MGD3_IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-mgd3+igd-tuned.yaml").read_text())
 MGD3_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-mgd3-tuned.yaml").read_text())
 MINIMAX_IGD_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-minimax-igd-tuned.yaml").read_text())
+MINIMAX_MGD3_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-minimax+mgd3-tuned.yaml").read_text())
+MINIMAX_TUNED = yaml.safe_load((REPO / "jobs/configs/fmnist-minimax-tuned.yaml").read_text())
 
 # typed from docs/BENCHMARKS.md: (method, IPC, preset) -> (mean, std, nets), method defaults at CFG 4
 BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("random", 10, "dc"): (72.57, 0.34, 5),  # sections 11, 7
@@ -77,6 +79,9 @@ def test_band_matching():
     assert expected(DistillConfig.from_dict(MGD3_IGD_TUNED), "convnet").mean == 77.22
     minimax_igd = expected(DistillConfig.from_dict(MINIMAX_IGD_TUNED), "convnet")  # section 8
     assert minimax_igd.text() == "74.75 +- 0.13 [73.75, 75.75] 3 nets"
+    assert expected(DistillConfig.from_dict(MINIMAX_MGD3_TUNED), "convnet").mean == 76.70  # section 8, 2026-12-07
+    assert expected(DistillConfig.from_dict(MINIMAX_TUNED), "convnet").text() == "72.08 +- 0.67 [70.74, 73.42] 3 nets"
+    assert expected(DistillConfig.from_dict({**MINIMAX_TUNED, "cfg_scale": 4.0}), "convnet").mean == 72.44  # defaults
     tweaked = {**IGD_TUNED, "extra": {**IGD_TUNED["extra"], "igd_scale": 7.0}}
     assert expected(DistillConfig.from_dict(tweaked), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig.from_dict({**IGD_TUNED, "cfg_scale": 4.0}), "convnet") == NO_SETTINGS_BAND
