@@ -82,6 +82,10 @@ def test_band_matching():
     assert expected(DistillConfig.from_dict(MINIMAX_MGD3_TUNED), "convnet").mean == 76.70  # section 8, 2026-12-07
     assert expected(DistillConfig.from_dict(MINIMAX_TUNED), "convnet").text() == "72.08 +- 0.67 [70.74, 73.42] 3 nets"
     assert expected(DistillConfig.from_dict({**MINIMAX_TUNED, "cfg_scale": 4.0}), "convnet").mean == 72.44  # defaults
+    dsa = {"eval_preset": "dsa"}  # the MGD3-family presets under dsa (section 12), below their defaults' bands
+    assert [expected(DistillConfig.from_dict({**c, **dsa}), "convnet").mean for c in (MGD3_TUNED, MINIMAX_MGD3_TUNED)] \
+        == [77.61, 77.49]
+    assert expected(DistillConfig(method="minimax+mgd3", eval_preset="dsa"), "convnet").mean == 79.04
     tweaked = {**IGD_TUNED, "extra": {**IGD_TUNED["extra"], "igd_scale": 7.0}}
     assert expected(DistillConfig.from_dict(tweaked), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig.from_dict({**IGD_TUNED, "cfg_scale": 4.0}), "convnet") == NO_SETTINGS_BAND
