@@ -32,8 +32,9 @@ FLOOR = "real"  # the tag of the real-vs-real floor rows
 
 
 def score_generator(model: Path, vae: Path, cfgs: list[float], per_class: int, seed: int, extractor, reference,
-                    judge, steps: int = 50, sheet_dir: Path | None = None, tag: str = "", log=print) -> dict:
-    """{cfg: metrics} for plain sampling of ``model`` at each CFG scale."""
+                    judge, steps: int = 50, sheet_dir: Path | None = None, tag: str = "", log=print,
+                    cfg_interval: tuple[int, int] | None = None) -> dict:
+    """{cfg: metrics} for plain sampling of ``model`` at each CFG scale (only inside ``cfg_interval`` if given)."""
     from raydistill.data import load_dataset
     from raydistill.evaluate.generator_metrics import features
     from raydistill.generator import load_generator
@@ -44,7 +45,8 @@ def score_generator(model: Path, vae: Path, cfgs: list[float], per_class: int, s
     indices = [k for _ in range(ds.num_classes) for k in range(per_class)]
     out = {}
     for cfg_scale in cfgs:
-        gen = load_generator(DistillConfig(model=str(model), vae=str(vae), cfg_scale=cfg_scale, steps=steps),
+        gen = load_generator(DistillConfig(model=str(model), vae=str(vae), cfg_scale=cfg_scale, steps=steps,
+                                           cfg_interval=cfg_interval),
                              ds.dit_labels, ds.image_size, device="cpu")
         t0, imgs = time.time(), []
         for s in range(0, len(labels), 100):
@@ -99,6 +101,8 @@ def main() -> None:
     ap.add_argument("--vae", default=str(BUILTIN_MODEL / "vae"))
     ap.add_argument("--tag", default="builtin", help="name of the model in the results")
     ap.add_argument("--cfg", default="1,1.5,2,3,4", help="comma-separated CFG scales")
+    ap.add_argument("--cfg-interval", default=None, metavar="LO,HI",
+                    help="CFG only for model timesteps LO <= t <= HI; give the run its own --tag")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
@@ -109,6 +113,7 @@ def main() -> None:
     ap.add_argument("--vae-floor", action="store_true", help="also score the VAE's reconstructions of the floor")
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
+    interval = tuple(int(v) for v in a.cfg_interval.split(",")) if a.cfg_interval else None
     if a.threads:
         torch.set_num_threads(a.threads)
     res_path = Path(a.results)
@@ -136,7 +141,7 @@ def main() -> None:
         for cfg_scale in todo:  # one at a time, saved after each, so an interrupted run resumes
             m = score_generator(Path(a.model), Path(a.vae), [cfg_scale], a.per_class, a.seed, extractor, reference,
                                 load_builtin_classifier(), steps=a.steps, sheet_dir=sheets, tag=a.tag,
-                                log=lambda s: print(s, flush=True))
+                                log=lambda s: print(s, flush=True), cfg_interval=interval)
             for cfg, metrics in m.items():
                 metrics.update(model=a.model, date=time.strftime("%Y-%m-%d"), host=platform.node(),
                                threads=torch.get_num_threads())

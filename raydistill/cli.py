@@ -30,6 +30,16 @@ def _csv(s: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in s.split(",") if v.strip())
 
 
+def _interval(s: str) -> tuple[int, int]:
+    """``LO,HI`` as two integers; their range is checked by the config (``check_cfg_interval``)."""
+    parts = s.split(",")
+    try:
+        lo, hi = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not two integers LO,HI (e.g. 80,580)") from None
+    return lo, hi
+
+
 def _positive_int(s: str) -> int:
     try:
         v = int(s)
@@ -98,7 +108,8 @@ def _config(a: argparse.Namespace, **extra):
     keys = ["dataset", "data_root", "image_size", "classes", "nclass", "phase", "allow_other_split", "model",
             "model_size", "vae", "precision", "compile",
             "eval_preset", "eval_nets", "num_evals", "eval_epochs", "eval_precision", "teacher", "seed", "ipc"]
-    keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "baselines", "out")
+    keys += [k for k in ("method", "sampler", "steps", "cfg_scale", "cfg_channels", "cfg_interval", "batch_size",
+                         "baselines", "out")
              if hasattr(a, k)]
     if getattr(a, "write_from_workers", False):
         keys.append("write_from_workers")
@@ -435,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int)
     d.add_argument("--cfg-scale", type=float)
     d.add_argument("--cfg-channels", type=int)
+    d.add_argument("--cfg-interval", type=_interval, metavar="LO,HI",
+                   help="classifier-free guidance only for model timesteps LO <= t <= HI (0-999; Kynkaanniemi et "
+                   "al. 2024); the conditional prediction alone elsewhere (config key cfg_interval: [LO, HI])")
     d.add_argument("--batch-size", type=_positive_int)
     d.add_argument("--root", default="runs", help="output root: sets, and mlflow.db (default ./runs)")
     d.add_argument("--out", help="output folder of the main method's set (default <root>/<dataset>/<method>-...); "

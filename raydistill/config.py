@@ -69,6 +69,7 @@ class DistillConfig:
     steps: int = 50
     cfg_scale: float = 4.0
     cfg_channels: int | None = None  # None: auto (3 for DiT-XL/2, all otherwise)
+    cfg_interval: tuple[int, int] | None = None  # (lo, hi) model timesteps (0-999) where CFG acts; None: all steps
     batch_size: int = 16
     precision: str = "auto"  # sampling + guidance: auto (tf32 on CUDA, fp32 on CPU), fp32, tf32, bf16 (precision.py)
     compile: bool = False  # torch.compile the DiT forward (and the evaluation nets); same images to a tolerance
@@ -115,6 +116,8 @@ class DistillConfig:
                 or not math.isfinite(self.cfg_scale) or self.cfg_scale < 0):
             raise UserError(f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}",
                             "pass --cfg-scale 4 (the paper), or 1 to turn CFG off")
+        if self.cfg_interval is not None:
+            object.__setattr__(self, "cfg_interval", check_cfg_interval(self.cfg_interval))
         check_precision(self.precision, "precision")
         check_precision(self.eval_precision, "eval_precision")
         if self.eval_precision != "fp32":
@@ -163,6 +166,8 @@ class DistillConfig:
         for k in ("classes", "eval_nets", "baselines", "plugins"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(str(v) for v in d[k])
+        if isinstance(d.get("cfg_interval"), list):
+            d["cfg_interval"] = tuple(d["cfg_interval"])
         try:
             return cls(**d)
         except TypeError as e:
@@ -183,6 +188,8 @@ class DistillConfig:
                 "teacher"}
         if self.precision == "auto":
             skip.add("precision")
+        if self.cfg_interval is None:  # the sets made before the setting existed keep their fingerprint
+            skip.add("cfg_interval")
         key = {k: v for k, v in self.to_dict().items() if k not in skip}
         if self.model is None and self.uses_model() and (ident := builtin_weights_id()) is not None:
             key["builtin_weights"] = ident  # the built-in model: which weights made (or chose) the images
@@ -230,6 +237,18 @@ class DistillConfig:
                for k, v in self.to_dict().items() if k not in ("extra", "published")}
         out.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
         return out
+
+
+def check_cfg_interval(value: Any) -> tuple[int, int]:
+    """``cfg_interval`` as ``(lo, hi)``: two integer model timesteps with 0 <= lo <= hi <= 999 (the 1,000-step DDPM
+    schedule the built-in and DiT-XL/2 models are trained on); one clear line if it is anything else."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+          and 0 <= value[0] <= value[1] <= 999)
+    if not ok:
+        raise UserError(f"cfg_interval must be two model timesteps LO,HI with 0 <= LO <= HI <= 999, got {value!r}",
+                        "pass e.g. --cfg-interval 80,580 (CFG on for 80 <= t <= 580), or leave it out for every step")
+    return int(value[0]), int(value[1])
 
 
 def read_config_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:

@@ -136,7 +136,8 @@ def load_generator(cfg: DistillConfig, dit_labels: list[int], image_size: int,
     cfg_channels = cfg.cfg_channels
     if cfg_channels is None and dit_config_of(dit).size == "XL/2":
         cfg_channels = 3  # DiT-XL/2's forward_with_cfg quirk (spec 0.1), needed to reproduce published numbers
-    sampler = SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels)
+    sampler = SamplerConfig(sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, cfg_channels=cfg_channels,
+                            cfg_interval=cfg.cfg_interval)
     return Generator(dit=dit, codec=codec, schedule=Schedule.linear(1000, cfg.steps), sampler=sampler,
                      dit_labels=list(dit_labels), device=device, router=router, precision=cfg.precision,
                      forward=maybe_compile(dit, cfg.compile))

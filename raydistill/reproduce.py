@@ -124,6 +124,11 @@ def is_builtin(cfg: DistillConfig) -> bool:
             and cfg.classes is None and cfg.image_size is None and cfg.eval_epochs is None and cfg.seed == 0)
 
 
+def _interval(value: Any) -> tuple[int, int] | None:
+    """A band's ``cfg_interval`` (a YAML list, or absent for CFG at every step) as the config holds it."""
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
 def _norm_extra(extra: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in extra.items() if k not in IGNORED_EXTRA and defaults.get(k, object()) != v}
 
@@ -143,7 +148,8 @@ def builtin_band(cfg: DistillConfig, net: str, table: Mapping[str, Any] | None =
         if (b["method"], b["ipc"], b["preset"], b.get("net", "convnet")) != (cfg.method, cfg.ipc, cfg.eval_preset, net):
             continue
         if not real and (float(b.get("cfg_scale", 4.0)) != float(cfg.cfg_scale) or cfg.steps != 50
-                         or cfg.sampler != "ddpm" or cfg.cfg_channels is not None):
+                         or cfg.sampler != "ddpm" or cfg.cfg_channels is not None
+                         or _interval(b.get("cfg_interval")) != cfg.cfg_interval):
             continue
         if _norm_extra(b.get("extra", {}), defaults) != mine:
             continue

@@ -315,6 +315,14 @@ CASES: dict[str, tuple[Case, str]] = {
     "cfg scale nan": (lambda t, m: (_distill(t, "--cfg-scale", "nan"), None), r"cfg_scale must be a finite number "
                       r">= 0, got nan"),
     "cfg scale inf": (lambda t, m: (_distill(t, "--cfg-scale", "inf"), None), r"cfg_scale must be a finite number"),
+    "cfg interval reversed": (lambda t, m: (_distill(t, "--cfg-interval", "600,80"), None),
+                              r"cfg_interval must be two model timesteps LO,HI with 0 <= LO <= HI <= 999, got "
+                              r"\(600, 80\).*--cfg-interval 80,580"),
+    "cfg interval not two integers": (lambda t, m: (_distill(t, "--cfg-interval", "80"), None),
+                                      r"'80' is not two integers LO,HI"),
+    "config cfg interval past the schedule": (lambda t, m: (["distill", "--config",
+                                                             str(_yaml(t, "cfg_interval: [80, 1000]\n"))], t),
+                                              r"cfg_interval must be two model timesteps .*got \(80, 1000\)"),
     "igd scale nan": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_scale=.nan"), None),
                       r"igd_scale must be a finite number >= 0, got nan"),
     "igd gamma inf": (lambda t, m: (_distill(t, "--method", "igd", "--set", "igd_gamma=.inf"), None),
@@ -373,7 +381,9 @@ NO_FMNIST = {"missing data root", "unknown dataset", "unknown command", "no comm
              "igd grad ipc 0", "mgd3 mode method nosuch", "mode scale negative",
              "unknown --set key", "--set without =", "config igd window reversed", "config ipc not a number",
              "config cfg weight negative", "image size 0", "folder class name with ..", "cfg scale nan",
-             "cfg scale inf", "igd scale nan", "igd gamma inf", "mode scale nan", "t_stop 100", "t_stop -5",
+             "cfg scale inf", "cfg interval reversed", "cfg interval not two integers",
+             "config cfg interval past the schedule", "igd scale nan", "igd gamma inf", "mode scale nan", "t_stop 100",
+             "t_stop -5",
              "seed -1", "ipc 1e9", "folder image corrupt", "compare missing root", "compare empty root"}
 
 

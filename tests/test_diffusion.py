@@ -65,13 +65,16 @@ def _linear_denoiser(w_eps: float, w_v: float, label_shift: float):
     return run
 
 
-@pytest.mark.parametrize("cfg_scale,cfg_channels", [(1.0, None), (4.0, None), (4.0, 3)])
-def test_full_chain_equals_float64_reference(cfg_scale, cfg_channels):
-    """50 ancestral steps with learned variance and CFG, against a float64 loop fed the same noise."""
+@pytest.mark.parametrize("cfg_scale,cfg_channels,interval", [(1.0, None, None), (4.0, None, None), (4.0, 3, None),
+                                                              (4.0, None, (80, 580)), (2.0, 3, (300, 999))])
+def test_full_chain_equals_float64_reference(cfg_scale, cfg_channels, interval):
+    """50 ancestral steps with learned variance and CFG (over every step, or only for model timesteps inside
+    ``interval``), against a float64 loop fed the same noise."""
     den = _linear_denoiser(0.3, 0.5, 0.1)
     labels, seeds = torch.tensor([1, 7]), [11, 12]
-    out = sample(den, Schedule.linear(1000, 50), labels, seeds, (4, 4, 4), null_label=10,
-                 cfg=SamplerConfig(cfg_scale=cfg_scale, cfg_channels=cfg_channels))
+    schedule = Schedule.linear(1000, 50)
+    out = sample(den, schedule, labels, seeds, (4, 4, 4), null_label=10,
+                 cfg=SamplerConfig(cfg_scale=cfg_scale, cfg_channels=cfg_channels, cfg_interval=interval))
     r = ref_chain()
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     x = torch.stack([torch.randn(4, 4, 4, generator=g) for g in gens]).double().numpy()
@@ -82,7 +85,8 @@ def test_full_chain_equals_float64_reference(cfg_scale, cfg_channels):
         eps = guided.copy()
         if cfg_channels is not None:
             eps[:, cfg_channels:] = eps_c[:, cfg_channels:]
-        if cfg_scale == 1.0:
+        t = int(schedule.timestep_map[i])
+        if cfg_scale == 1.0 or (interval is not None and not interval[0] <= t <= interval[1]):
             eps = eps_c
         _, mean, logvar = ref_step(r, i, x, eps, v)
         x = mean
@@ -90,6 +94,28 @@ def test_full_chain_equals_float64_reference(cfg_scale, cfg_channels):
             z = torch.stack([torch.randn(4, 4, 4, generator=g) for g in gens]).double().numpy()
             x = x + np.exp(0.5 * logvar) * z
     np.testing.assert_allclose(out.double().numpy(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_interval_guides_only_inside_it_and_runs_one_row_outside():
+    """Inside the interval each image costs two model rows (conditional and null), outside one; the whole range is
+    bit-identical to no interval, and an interval that holds no step of the chain is bit-identical to CFG 1."""
+    den = _linear_denoiser(0.3, 0.5, 0.1)
+    schedule, labels, seeds = Schedule.linear(1000, 50), torch.tensor([1, 7]), [11, 12]
+    rows: list[tuple[int, int]] = []
+
+    def counting(x, t, y):
+        rows.append((int(t[0]), x.shape[0]))
+        return den(x, t, y)
+
+    def run(**kw):
+        return sample(counting, schedule, labels, seeds, (4, 4, 4), null_label=10, cfg=SamplerConfig(**kw))
+
+    inside = run(cfg_scale=4.0, cfg_interval=(82, 571))
+    assert rows == [(int(t), 4 if 82 <= t <= 571 else 2) for t in reversed(schedule.timestep_map)]
+    assert sum(n == 4 for _, n in rows) == 25  # timesteps 82, 102, ..., 571 of the 50-step map
+    assert torch.equal(run(cfg_scale=4.0, cfg_interval=(0, 999)), run(cfg_scale=4.0))
+    assert torch.equal(run(cfg_scale=4.0, cfg_interval=(985, 995)), run(cfg_scale=1.0))  # 979 and 999 fall outside
+    assert not torch.allclose(inside, run(cfg_scale=4.0)) and not torch.allclose(inside, run(cfg_scale=1.0))
 
 
 def test_cfg_quirk_leaves_fourth_channel_conditional():
@@ -203,3 +229,26 @@ def test_a_checkpoint_that_turns_nan_writes_no_shard(tmp_path):
     with pytest.raises(UserError, match=r"not finite .* after sampling step 1/3 .*the model's noise prediction"):
         distill_local(cfg, device="cpu")
     assert not list((tmp_path / "set").rglob("*.png")) and not (tmp_path / "set" / "manifest.parquet").exists()
+
+
+def test_cfg_interval_is_config_data_and_part_of_the_set_key(tiny_model):
+    """``cfg_interval`` round-trips through YAML as a pair, reaches the generator's sampler, keys the set (a set made
+    without it keeps its fingerprint, one made with it gets another), and a bad value is refused at load time."""
+    import yaml
+
+    from raydistill.config import DistillConfig
+    from raydistill.errors import UserError
+    from raydistill.generator import load_generator
+
+    dit, vae = tiny_model
+    cfg = DistillConfig.from_dict(yaml.safe_load(f"model: {dit}\nvae: {vae}\ncfg_interval: [80, 580]\n"))
+    assert cfg.cfg_interval == (80, 580)
+    assert DistillConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    plain = cfg.with_(cfg_interval=None)
+    assert "cfg_interval" in cfg.generation_key() and "cfg_interval" not in plain.generation_key()
+    assert cfg.fingerprint() != plain.fingerprint()
+    gen = load_generator(cfg, list(range(10)), 8, "cpu")
+    assert gen.sampler.cfg_interval == (80, 580) and gen.sampler.scale_at(579) == 4.0 and gen.sampler.scale_at(600) == 1
+    for bad in ([580, 80], [0, 1000], [-1, 5], [1.5, 3], [True, 5], [80]):
+        with pytest.raises(UserError, match="cfg_interval must be two model timesteps"):
+            DistillConfig(cfg_interval=bad)

@@ -97,6 +97,7 @@ def test_band_matching():
     assert expected(DistillConfig(method="mgd3", cfg_scale=3.0), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(method="mgd3", extra={"mode_scale": 0.2}), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(cfg_scale=1.5), "convnet").mean == 71.85
+    assert expected(DistillConfig(cfg_scale=1.5, cfg_interval=(0, 999)), "convnet") == NO_SETTINGS_BAND  # not measured
     assert expected(DistillConfig(method="igd", ipc=50), "convnet").mean == 76.55  # section 9, 3 nets
     # measured under dsa at IPC 10 only (section 12)
     igd_dsa = expected(DistillConfig(method="igd", eval_preset="dsa"), "convnet")

@@ -2,9 +2,11 @@
 
 Classifier-free guidance follows DiT's ``forward_with_cfg``: the latent is evaluated with [y, null]; the guided eps
 is ``eps_u + s (eps_c - eps_u)`` on the first ``cfg_channels`` channels (DiT-XL/2's quirk: 3 of 4), the conditional
-eps elsewhere, and the conditional half's learned variance. Every image draws its initial noise and its per-step
-noise from its own generator seeded by :func:`image_seed`, so an image is a pure function of (class, index, seed,
-settings), whatever batch it is generated in.
+eps elsewhere, and the conditional half's learned variance. ``cfg_interval`` limits guidance to a band of noise
+levels (Kynkäänniemi et al., NeurIPS 2024, "Applying guidance in a limited interval"): outside it a step uses the
+conditional prediction alone (scale 1, one model row per image instead of two). Every image draws its initial noise
+and its per-step noise from its own generator seeded by :func:`image_seed`, so an image is a pure function of
+(class, index, seed, settings), whatever batch it is generated in.
 """
 
 from __future__ import annotations
@@ -33,10 +35,20 @@ class SamplerConfig:
     steps: int = 50
     cfg_scale: float = 4.0
     cfg_channels: int | None = None  # None: all eps channels; 3 reproduces DiT-XL/2's quirk
+    cfg_interval: tuple[int, int] | None = None  # (lo, hi) model timesteps where CFG acts; None: every step
 
     def __post_init__(self) -> None:
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {self.sampler!r}")
+        if self.cfg_interval is not None and not 0 <= self.cfg_interval[0] <= self.cfg_interval[1]:
+            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi, got {self.cfg_interval!r}")
+
+    def scale_at(self, t: int) -> float:
+        """The CFG scale at model timestep ``t``: ``cfg_scale`` inside ``cfg_interval`` (lo <= t <= hi, ends
+        included), 1 (the conditional prediction alone) outside it."""
+        if self.cfg_interval is None or self.cfg_interval[0] <= t <= self.cfg_interval[1]:
+            return self.cfg_scale
+        return 1.0
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,7 +85,8 @@ def _cfg_outputs(denoiser: Denoiser, s: Schedule, x: torch.Tensor, i: int, y: to
     (scale 1) the twin's are the conditional ones."""
     b, c = x.shape[:2]
     t = torch.full((b,), int(s.timestep_map[i]), device=x.device, dtype=torch.long)
-    if cfg.cfg_scale == 1.0:
+    scale = cfg.scale_at(int(s.timestep_map[i]))
+    if scale == 1.0:
         out = denoiser(x, t, y)
         eps, v = out[:, :c], out[:, c:]
         eps_twin, v_twin = eps, v
@@ -82,7 +95,7 @@ def _cfg_outputs(denoiser: Denoiser, s: Schedule, x: torch.Tensor, i: int, y: to
         out_c, out_u = out[:b], out[b:]
         eps_c, eps_u, v, v_twin = out_c[:, :c], out_u[:, :c], out_c[:, c:], out_u[:, c:]
         k = c if cfg.cfg_channels is None else cfg.cfg_channels
-        guided = eps_u[:, :k] + cfg.cfg_scale * (eps_c[:, :k] - eps_u[:, :k])
+        guided = eps_u[:, :k] + scale * (eps_c[:, :k] - eps_u[:, :k])
         eps = torch.cat([guided, eps_c[:, k:]], dim=1) if k < c else guided
         eps_twin = torch.cat([guided, eps_u[:, k:]], dim=1) if k < c else guided
     if v.shape[1] == 0:  # fixed-variance model: use the posterior variance (ADM "fixed small")

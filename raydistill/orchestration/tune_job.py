@@ -38,7 +38,7 @@ def _shared_state(cfg, device: str) -> tuple[Any, Any, bool]:
     generative = get_method(cfg.method).generative
     ds_key = ("ds", cfg.dataset, cfg.data_root, cfg.image_size, cfg.nclass, cfg.phase)
     gen_key = ("gen", ds_key, cfg.model, cfg.vae, cfg.model_size, cfg.sampler, cfg.steps, cfg.cfg_scale,
-               cfg.cfg_channels, device)
+               cfg.cfg_channels, cfg.cfg_interval, device)
     reused = ds_key in _CACHE and (not generative or gen_key in _CACHE)
     if ds_key not in _CACHE:
         _CACHE[ds_key] = open_dataset(cfg)
