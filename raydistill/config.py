@@ -233,7 +233,7 @@ class DistillConfig:
 
     def flat_params(self) -> dict[str, str]:
         """Flat string params for MLflow (``extra`` keys prefixed ``extra.``; ``published`` goes to tags)."""
-        out = {k: ("" if v is None else ",".join(v) if isinstance(v, tuple) else str(v))
+        out = {k: ("" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else str(v))
                for k, v in self.to_dict().items() if k not in ("extra", "published")}
         out.update({f"extra.{k}": str(v) for k, v in self.extra.items()})
         return out

@@ -47,7 +47,7 @@ def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_mode
 
     from raydistill.orchestration.distill_job import format_table, run_main_job
 
-    cfg = _tiny_cfg(tiny_model, None, ipc=2, classes=("0", "1"))
+    cfg = _tiny_cfg(tiny_model, None, ipc=2, classes=("0", "1"), cfg_interval=(80, 580))  # travels to the actors
     logs: list[str] = []
     reports = run_main_job(cfg, root=tmp_path, log=logs.append)
     assert [r.method for r in reports] == ["dit", "random"]
@@ -61,6 +61,7 @@ def test_main_job_tracks_params_metrics_artifacts_in_mlflow(ray_local, tiny_mode
     by_method = {r["tags.method"]: r for _, r in runs.iterrows()}
     dit = by_method["dit"]
     assert dit["params.ipc"] == "2" and dit["params.method"] == "dit" and dit["params.eval_preset"] == "dc"
+    assert dit["params.cfg_interval"] == "80,580" and by_method["random"]["params.cfg_interval"] == "80,580"
     assert 0.0 <= dit["metrics.acc_dc_convnet_mean"] <= 100.0
     assert dit["metrics.images_per_s"] > 0
     assert 0.0 <= dit["metrics.mode_coverage"] <= 1.0 and dit["metrics.mode_distance"] > 0
