@@ -79,7 +79,7 @@ def studies(ray_local, tiny_model, tmp_path_factory):
     dit, vae = tiny_model
     mgd3 = _space(tmp, f"""name: tiny-mgd3
 config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: mgd3, classes: ["0", "1"], ipc: 2,
-          steps: 6, batch_size: 2, eval_epochs: 2, num_evals: 1, extra: {{t_stop: 2}}}}
+          steps: 6, batch_size: 2, eval_epochs: 2, num_evals: 1, cfg_interval: [200, 600], extra: {{t_stop: 2}}}}
 params:
   mode_scale: {{dist: grid, values: [0.0, 3.0]}}
   t_stop: {{dist: int, low: 0, high: 4}}
@@ -165,6 +165,8 @@ def test_compare_prints_filters_and_plots(studies, tmp_path: Path, capsys) -> No
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["method", "dataset", "IPC"]
     assert sum(ln.startswith("mgd3 ") for ln in out) == 2 and sum(ln.startswith("random ") for ln in out) == 6
+    # a set's CFG interval is a key parameter; a run without one shows none (not an empty value)
+    assert all(("cfg_interval=200,600" in ln) == ln.startswith("mgd3 ") for ln in out[1:-1])
     assert all("digits" in ln for ln in out[1:-1])
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is a dependency
     assert (tmp_path / "p.png").stat().st_size > 1000

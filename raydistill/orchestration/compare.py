@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raydistill.errors import UserError
 
-KEY_PARAMS = ("extra.igd_scale", "extra.igd_gamma", "extra.mode_scale", "extra.t_stop", "cfg_scale")
+KEY_PARAMS = ("extra.igd_scale", "extra.igd_gamma", "extra.mode_scale", "extra.t_stop", "cfg_scale", "cfg_interval")
 
 
 def _fmt(v: str) -> str:
@@ -68,7 +68,7 @@ def collect_runs(tracking_uri: str, method: str | None = None, dataset: str | No
                "status": status if isinstance(status, str) else "completed",
                "eval": f"{r.get('params.eval_preset')}/{r.get('params.eval_epochs') or 'full'} {_classes(r)}",
                "params": {k.split(".")[-1]: _fmt(r[f"params.{k}"]) for k in KEY_PARAMS
-                          if f"params.{k}" in r.index and isinstance(r[f"params.{k}"], str)},
+                          if f"params.{k}" in r.index and isinstance(r[f"params.{k}"], str) and r[f"params.{k}"]},
                "acc": acc, "std": std, "images_per_s": float(r.get("metrics.images_per_s", float("nan"))),
                "expected": expected_of_run(r, acc_col.split("_", 2)[2][:-5] if acc_col else None)}
         if method and row["method"] != method or dataset and row["dataset"] != dataset or \
