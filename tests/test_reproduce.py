@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydistill.config import DistillConfig
+from raydistill.config import DistillConfig, read_config_yaml
 from raydistill.reproduce import (
     NO_MODEL_BAND,
     NO_SETTINGS_BAND,
@@ -89,6 +89,8 @@ def test_band_matching():
     # the IGD-family presets under dsa (section 12): above their defaults' 74.69 and 74.78
     assert [expected(DistillConfig.from_dict({**c, **dsa}), "convnet").mean
             for c in (IGD_TUNED, MINIMAX_IGD_TUNED)] == [76.82, 78.43]
+    dsa_study = Path(__file__).resolve().parents[1] / "benchmarks/results/m3/minimax+mgd3-dsa-best.yaml"
+    assert expected(DistillConfig.from_dict(read_config_yaml(dsa_study)), "convnet").mean == 77.52  # selected under dsa
     tweaked = {**IGD_TUNED, "extra": {**IGD_TUNED["extra"], "igd_scale": 7.0}}
     assert expected(DistillConfig.from_dict(tweaked), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig.from_dict({**IGD_TUNED, "cfg_scale": 4.0}), "convnet") == NO_SETTINGS_BAND

@@ -13,6 +13,7 @@ import yaml
 
 from raydistill.cli import main
 from raydistill.errors import UserError
+from raydistill.evaluate.presets import get_preset
 from raydistill.tune_space import load_space
 from tests.conftest import needs_fmnist
 
@@ -26,7 +27,8 @@ def test_shipped_spaces_load_and_validate(path: Path) -> None:
     cfg = space.base_config()
     assert cfg.method == data["config"]["method"] and space.params and space.num_samples >= 12
     assert space.scheduler["name"] == "asha" and 0 < space.eval_every < space.eval_epochs()
-    assert space.eval_epochs() == cfg.eval_epochs < 300  # a shortened dc evaluation
+    full = get_preset(cfg.eval_preset).epochs  # dc 300, dsa 1,000
+    assert space.eval_epochs() == cfg.eval_epochs < full  # a shortened evaluation under the preset
     values = {p.name: (p.values[0] if p.values else p.high) for p in space.params}
     trial = space.trial_config(values)  # config fields (cfg_scale) set the field, method parameters go to extra
     assert {p.name: getattr(trial, p.name) if p.is_field else trial.extra.get(p.name) for p in space.params} == values
