@@ -103,6 +103,9 @@ def test_band_matching():
     assert expected(DistillConfig(method="mgd3", extra={"mode_scale": 0.2}), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(cfg_scale=1.5), "convnet").mean == 71.85
     assert expected(DistillConfig(cfg_scale=1.5, cfg_interval=(0, 999)), "convnet") == NO_SETTINGS_BAND  # not measured
+    assert [expected(DistillConfig(method=m, cfg_interval=(80, 580)), "convnet").mean for m in ("dit", "mgd3")] == \
+        [73.85, 76.90]  # CFG 4 on timesteps 80-580 (section 7)
+    assert expected(DistillConfig(method="mgd3", cfg_interval=(80, 400)), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(method="igd", ipc=50), "convnet").mean == 76.55  # section 9, 3 nets
     # measured under dsa at IPC 10 only (section 12)
     igd_dsa = expected(DistillConfig(method="igd", eval_preset="dsa"), "convnet")
