@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -27,14 +28,24 @@ def _same_tensors(a, b) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_phases_run_at_once_match_the_sequence_and_resume_per_phase(ray_local, tiny_model, fmnist, tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch at one thread (each 1-CPU task's count: bitwise equal BLAS reductions), restored afterwards: a
+    thread count left behind changes the numerics of every later test in the process (test_igd_twin's 1e-5)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_phases_run_at_once_match_the_sequence_and_resume_per_phase(ray_local, tiny_model, fmnist, tmp_path,
+                                                                     one_thread):
     import mlflow
 
     from raydistill.orchestration.finetune_job import run_finetune_job
 
     dit, vae = tiny_model
     cfg = FinetuneConfig(**TWO_PHASES)
-    torch.set_num_threads(1)  # the same thread count as each 1-CPU task: bitwise equal BLAS reductions
     seq = finetune(fmnist, dit, vae, tmp_path / "seq", cfg, labels=[0, 1, 2, 3], device="cpu")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logs: list[str] = []
