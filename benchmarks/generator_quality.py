@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from raydistill.cli import cfg_interval_arg
 from raydistill.config import BUILTIN_MODEL, DistillConfig
 from raydistill.outputs import save_grid, save_merged_json
 
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--vae", default=str(BUILTIN_MODEL / "vae"))
     ap.add_argument("--tag", default="builtin", help="name of the model in the results")
     ap.add_argument("--cfg", default="1,1.5,2,3,4", help="comma-separated CFG scales")
-    ap.add_argument("--cfg-interval", default=None, metavar="LO,HI",
+    ap.add_argument("--cfg-interval", type=cfg_interval_arg, default=None, metavar="LO,HI",
                     help="CFG only for model timesteps LO <= t <= HI; give the run its own --tag")
     ap.add_argument("--per-class", type=int, default=100)
     ap.add_argument("--steps", type=int, default=50)
@@ -113,7 +114,6 @@ def main() -> None:
     ap.add_argument("--vae-floor", action="store_true", help="also score the VAE's reconstructions of the floor")
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args()
-    interval = tuple(int(v) for v in a.cfg_interval.split(",")) if a.cfg_interval else None
     if a.threads:
         torch.set_num_threads(a.threads)
     res_path = Path(a.results)
@@ -141,7 +141,7 @@ def main() -> None:
         for cfg_scale in todo:  # one at a time, saved after each, so an interrupted run resumes
             m = score_generator(Path(a.model), Path(a.vae), [cfg_scale], a.per_class, a.seed, extractor, reference,
                                 load_builtin_classifier(), steps=a.steps, sheet_dir=sheets, tag=a.tag,
-                                log=lambda s: print(s, flush=True), cfg_interval=interval)
+                                log=lambda s: print(s, flush=True), cfg_interval=a.cfg_interval)
             for cfg, metrics in m.items():
                 metrics.update(model=a.model, date=time.strftime("%Y-%m-%d"), host=platform.node(),
                                threads=torch.get_num_threads())

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from raydistill.cli import cfg_interval_arg
 from raydistill.config import DistillConfig
 from raydistill.distill import distill_local, evaluate_images, load_distilled, open_dataset, selected_labels
 from raydistill.outputs import save_merged_json
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method parameter (YAML value)")
     ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale of the sampler")
-    ap.add_argument("--cfg-interval", default=None, metavar="LO,HI",
+    ap.add_argument("--cfg-interval", type=cfg_interval_arg, default=None, metavar="LO,HI",
                     help="CFG only for model timesteps LO <= t <= HI (config cfg_interval); pair it with --tag")
     ap.add_argument("--model", default=None, help="a DiT folder other than the built-in one (a candidate)")
     ap.add_argument("--vae", default=None, help="a VAE folder other than the built-in one (recon: its VAE bound)")
@@ -63,7 +64,6 @@ def main() -> None:
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in a.set)}
-    interval = tuple(int(v) for v in a.cfg_interval.split(",")) if a.cfg_interval else None
     if a.threads:
         torch.set_num_threads(a.threads)
     res_path = Path(a.results)
@@ -73,7 +73,7 @@ def main() -> None:
         for method in a.methods.split(","):
             name, made_ipc = method + a.tag, ipc * a.formation ** 2
             cfg = DistillConfig(method=method, ipc=made_ipc, seed=a.seed, baselines=(), extra=extra,
-                                cfg_scale=a.cfg_scale, cfg_interval=interval,
+                                cfg_scale=a.cfg_scale, cfg_interval=a.cfg_interval,
                                 out=str(Path(a.root) / f"{name}-ipc{made_ipc}-seed{a.seed}"),
                                 model=a.model, vae=a.vae)
             t0 = time.time()

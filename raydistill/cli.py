@@ -30,8 +30,9 @@ def _csv(s: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in s.split(",") if v.strip())
 
 
-def _interval(s: str) -> tuple[int, int]:
-    """``LO,HI`` as two integers; their range is checked by the config (``check_cfg_interval``)."""
+def cfg_interval_arg(s: str) -> tuple[int, int]:
+    """``--cfg-interval LO,HI`` as two integers (also the benchmarks' flag); the range is checked by the config
+    (``check_cfg_interval``)."""
     parts = s.split(",")
     try:
         lo, hi = (int(v) for v in parts)
@@ -446,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int)
     d.add_argument("--cfg-scale", type=float)
     d.add_argument("--cfg-channels", type=int)
-    d.add_argument("--cfg-interval", type=_interval, metavar="LO,HI",
+    d.add_argument("--cfg-interval", type=cfg_interval_arg, metavar="LO,HI",
                    help="classifier-free guidance only for model timesteps LO <= t <= HI (0-999; Kynkaanniemi et "
                    "al. 2024); the conditional prediction alone elsewhere (config key cfg_interval: [LO, HI])")
     d.add_argument("--batch-size", type=_positive_int)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from raydistill.config import BUILTIN_MODEL, DistillConfig, file_sha256
+from raydistill.config import BUILTIN_MODEL, DistillConfig, check_cfg_interval, file_sha256
 from raydistill.errors import UserError
 
 PUBLISHED_MIN_HALFWIDTH = 2.0
@@ -124,11 +124,6 @@ def is_builtin(cfg: DistillConfig) -> bool:
             and cfg.classes is None and cfg.image_size is None and cfg.eval_epochs is None and cfg.seed == 0)
 
 
-def _interval(value: Any) -> tuple[int, int] | None:
-    """A band's ``cfg_interval`` (a YAML list, or absent for CFG at every step) as the config holds it."""
-    return None if value is None else (int(value[0]), int(value[1]))
-
-
 def _norm_extra(extra: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in extra.items() if k not in IGNORED_EXTRA and defaults.get(k, object()) != v}
 
@@ -147,9 +142,9 @@ def builtin_band(cfg: DistillConfig, net: str, table: Mapping[str, Any] | None =
     for b in table["bands"]:
         if (b["method"], b["ipc"], b["preset"], b.get("net", "convnet")) != (cfg.method, cfg.ipc, cfg.eval_preset, net):
             continue
+        interval = check_cfg_interval(b["cfg_interval"]) if "cfg_interval" in b else None  # YAML list -> pair
         if not real and (float(b.get("cfg_scale", 4.0)) != float(cfg.cfg_scale) or cfg.steps != 50
-                         or cfg.sampler != "ddpm" or cfg.cfg_channels is not None
-                         or _interval(b.get("cfg_interval")) != cfg.cfg_interval):
+                         or cfg.sampler != "ddpm" or cfg.cfg_channels is not None or interval != cfg.cfg_interval):
             continue
         if _norm_extra(b.get("extra", {}), defaults) != mine:
             continue

@@ -84,8 +84,9 @@ def _cfg_outputs(denoiser: Denoiser, s: Schedule, x: torch.Tensor, i: int, y: to
     channels, the unconditional eps on the other channels and the unconditional variance output). Without CFG
     (scale 1) the twin's are the conditional ones."""
     b, c = x.shape[:2]
-    t = torch.full((b,), int(s.timestep_map[i]), device=x.device, dtype=torch.long)
-    scale = cfg.scale_at(int(s.timestep_map[i]))
+    model_t = int(s.timestep_map[i])
+    t = torch.full((b,), model_t, device=x.device, dtype=torch.long)
+    scale = cfg.scale_at(model_t)
     if scale == 1.0:
         out = denoiser(x, t, y)
         eps, v = out[:, :c], out[:, c:]
