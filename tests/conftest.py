@@ -14,6 +14,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# One torch thread per test process (and per subprocess it starts): the suite is many small ops, and a second
+# OpenMP thread on a CPU that something else keeps busy spin-waits (one IGD test: 10 s at one thread, 90 s at two
+# beside a two-thread training run). Parallelism comes from pytest-xdist's workers instead (scripts/test).
+TEST_THREADS = int(os.environ.get("RAYDISTILL_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
+torch.set_num_threads(TEST_THREADS)
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").exists(),

