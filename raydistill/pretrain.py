@@ -36,6 +36,8 @@ from raydistill.errors import UserError
 from raydistill.models.dit import DiTConfig, build_dit
 from raydistill.models.vae import build_small_vae
 
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
 
 @dataclass
 class PretrainConfig:
@@ -67,6 +69,12 @@ class PretrainConfig:
     dit_init: str = ""  # a DiT snapshot folder (step-NNNNNN) to warm-start stage 2 from when <work> has no DiT state
     train_limit: int = 0  # 0: every training image; N: the first N of each class (smoke runs, tests)
     export_step: int = 0  # 0: export the DiT where training ends; N: the EMA snapshot of step N (the curve's pick)
+    dit_export_dtype: str = "fp16"  # fp16 halves the shipped file; fp32 ships the snapshot bit for bit
+
+    def __post_init__(self) -> None:
+        if self.dit_export_dtype not in EXPORT_DTYPES:
+            raise UserError(f"--dit-export-dtype must be one of {', '.join(EXPORT_DTYPES)}, got "
+                            f"{self.dit_export_dtype!r}", "pass --dit-export-dtype fp16 or fp32")
 
 
 def default_work(dit_size: str) -> Path:
@@ -375,9 +383,9 @@ class Pretrainer:
         shutil.rmtree(tmp, ignore_errors=True)  # what a killed export left
         tmp.mkdir(parents=True)
         vae.register_to_config(scaling_factor=scale)
-        for name, model in (("vae", vae), ("dit", dit)):
+        for name, model, dtype in (("vae", vae, torch.float16), ("dit", dit, EXPORT_DTYPES[self.cfg.dit_export_dtype])):
             _forget_source(model)
-            model.to(torch.float16).save_pretrained(tmp / name, safe_serialization=True)
+            model.to(dtype).save_pretrained(tmp / name, safe_serialization=True)
         save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, tmp / "classifier.safetensors")
         info = {"config": asdict(self.cfg), "command": command, "device": str(self.device),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -180,3 +180,24 @@ def test_the_recorded_command_is_the_one_given(tmp_path, monkeypatch):
     main(argv)
     assert json.loads((tmp_path / "out" / "pretrain.json").read_text())["command"] == " ".join(
         ["raydistill", "pretrain", *argv])
+
+
+def test_fp32_export_ships_the_snapshot_bit_for_bit_and_a_bad_dtype_is_one_line(tmp_path, capsys):
+    import dataclasses
+
+    import pytest
+
+    from raydistill.errors import UserError
+    from raydistill.models.dit_convert import load_dit
+    from raydistill.pretrain import main
+
+    _run(tmp_path, "w", 4)  # snapshots at steps 2 and 4
+    cfg = dataclasses.replace(_cfg(tmp_path, 4), export_step=2, dit_export_dtype="fp32")
+    Pretrainer(cfg, tmp_path / "w", tmp_path / "out", log=lambda s: None).run("test")
+    chosen = load_dit(tmp_path / "w" / "snapshots" / "step-000002").state_dict()
+    shipped = load_dit(tmp_path / "out" / "dit").state_dict()
+    assert all(torch.equal(shipped[k], chosen[k]) for k in chosen)  # no fp16 rounding
+    assert not all(torch.equal(chosen[k], chosen[k].half().float()) for k in chosen)  # which fp16 would have lost
+    with pytest.raises(UserError, match="--dit-export-dtype must be one of fp16, fp32, got 'bf16'"):
+        main(["--work", str(tmp_path / "w"), "--out", str(tmp_path / "out4"), "--dit-export-dtype", "bf16"])
+    assert not (tmp_path / "out4").exists()
