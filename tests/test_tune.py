@@ -226,8 +226,8 @@ budget: {{num_samples: 1}}
 ])
 def test_shipped_tuned_preset_is_the_benchmarked_configuration(preset, study_best, method, expected) -> None:
     """A shipped tuned preset (jobs/configs) reads through `distill --preset` into the settings that
-    docs/BENCHMARKS.md section 8 evaluated (the values of its `benchmarks/quality.py --set` command), equal to its
-    study's best.yaml on the shipped model (copied to benchmarks/results/m3), and parses into the method's typed
+    docs/BENCHMARKS.md Appendix B.8 evaluated (the values of its `benchmarks/quality.py --set` command), equal to its
+    study's best.yaml on the model of 2026-12-06 (copied to benchmarks/results/m3), and parses into the method's typed
     parameters."""
     from raydistill.cli import _config, build_parser
     from raydistill.methods import get_method
