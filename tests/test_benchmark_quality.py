@@ -73,3 +73,28 @@ def test_results_file_of_any_name_is_in_the_table_and_shortened_runs_are_labelle
     assert next(line for line in out if line.startswith("herding ")).split()[2] == "dc:40ep"
     assert next(line for line in out if line.startswith("dit ")).split()[2] == "dc"
 
+
+
+def test_rename_results_carries_a_tagged_candidate_without_overwriting(tmp_path, monkeypatch):
+    """benchmarks/rename_results.py: a candidate's tagged keys land under the built-in names; a net measured again
+    in the target keeps its figure; a key without the tag stops the carry with one line and writes nothing."""
+    import sys
+
+    rename = load_benchmark("rename_results")
+    src, dst = tmp_path / "src.json", tmp_path / "dst.json"
+    src.write_text(json.dumps({"runs": {"mgd3-cool|ipc10|dc|convnet|epochsNone|set0|net0": _run(77.65),
+                                        "mgd3-cool|ipc10|dc|convnet|epochsNone|set0|net1": _run(77.36)},
+                               "coverage": {"mgd3-cool|ipc10|set0": {"mode_coverage": 0.6}}, "machine": "x"}))
+    dst.write_text(json.dumps({"runs": {"mgd3|ipc10|dc|convnet|epochsNone|set0|net0": _run(77.0)}}))
+    monkeypatch.setattr(sys, "argv", ["rename_results.py", str(src), str(dst), "--tag-from=-cool"])
+    rename.main()
+    out = json.loads(dst.read_text())
+    assert out["runs"]["mgd3|ipc10|dc|convnet|epochsNone|set0|net0"]["last"] == 77.0  # measured again: kept
+    assert out["runs"]["mgd3|ipc10|dc|convnet|epochsNone|set0|net1"]["last"] == 77.36  # carried
+    assert out["coverage"] == {"mgd3|ipc10|set0": {"mode_coverage": 0.6}} and out["machine"] == "x"
+    assert rename.rename({"runs": {"a-t|ipc1": 1}}, "-t", "-u") == {"runs": {"a-u|ipc1": 1}}
+    before = dst.read_text()
+    monkeypatch.setattr(sys, "argv", ["rename_results.py", str(src), str(dst), "--tag-from=-other"])
+    with pytest.raises(SystemExit, match="does not carry the tag '-other'"):
+        rename.main()
+    assert dst.read_text() == before
