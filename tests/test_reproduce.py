@@ -39,7 +39,8 @@ BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("random", 10, "dc"): (72.5
               **{(m, 10, "dc"): (mean, std, 3) for m, mean, std in  # section 7
                  [("mgd3", 77.71, 0.32), ("mgd3+igd", 78.02, 0.38), ("minimax+mgd3", 77.34, 0.44),
                   ("herding", 74.97, 0.13), ("minimax", 73.51, 0.34), ("igd", 73.21, 0.46),
-                  ("minimax-igd", 72.97, 0.47)]}}
+                  ("minimax-igd", 72.97, 0.47)]},
+              ("mgd3", 10, "dsa"): (79.06, 0.11, 3), ("minimax+mgd3", 10, "dsa"): (79.40, 0.23, 3)}  # section 12
 
 
 def test_bands_file_is_keyed_to_the_shipped_model():
@@ -76,6 +77,8 @@ def test_band_matching():
     best50 = expected(DistillConfig(method="mgd3+igd", ipc=50, cfg_scale=1.5), "convnet")
     assert best50.text() == "82.49 +- 0.19 [81.49, 83.49] 3 nets"
     assert expected(DistillConfig(method="mgd3+igd", ipc=50), "convnet") == NO_SETTINGS_BAND
+    assert expected(DistillConfig(ipc=50, cfg_scale=1.5), "convnet").text() == "77.76 +- 0.15 [76.76, 78.76] 3 nets"
+    assert expected(DistillConfig(ipc=50), "convnet") == NO_SETTINGS_BAND  # plain DiT at CFG 4: not on this model
     assert expected(DistillConfig(method="igd", ipc=50, eval_preset="dsa"), "convnet") == NO_SETTINGS_BAND
     # the IGD family's band is its latent-scaled default gamma; the old constant is other settings
     assert expected(DistillConfig(method="mgd3+igd", extra={"igd_gamma": 3.125}), "convnet") == NO_SETTINGS_BAND
