@@ -6,8 +6,8 @@ Stages (each resumable from ``<work>/state.pt``, written atomically every ``ckpt
 2. ``dit``: DiT loss (MSE on eps + VB, learned sigma; :func:`training_losses`) on latents sampled from the cached
    posteriors, label dropout 0.1 (CFG), AdamW, EMA; the EMA weights are shipped.
 3. ``classifier``: a ConvNet-3 trained on the real training set, shipped to measure class consistency.
-Outputs go to ``<out>/{vae,dit}`` (diffusers layout, safetensors), ``<out>/classifier.safetensors`` and
-``<out>/pretrain.json`` (config, command, log, timings).
+Outputs go to ``<out>/{vae,dit}`` (diffusers layout, safetensors, fp16; ``--dit-export-dtype fp32`` keeps the DiT
+unrounded), ``<out>/classifier.safetensors`` and ``<out>/pretrain.json`` (config, command, log, timings).
 
 The resume state lives outside the work tree by default (``$RAYDISTILL_PRETRAIN_HOME`` or
 ``~/.cache/raydistill/pretrain/<dit_size>``), so a run of several hours survives a fresh checkout. ``--vae-from`` /
