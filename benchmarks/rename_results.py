@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from raydistill.outputs import atomic_write_text
+from raydistill.outputs import save_merged_json
 
 
 def rename(src: dict, tag_from: str, tag_to: str) -> dict:
@@ -43,17 +43,14 @@ def main() -> None:
     a = ap.parse_args()
     carried = rename(json.loads(Path(a.src).read_text()), a.tag_from, a.tag_to)
     dst = Path(a.dst)
-    merged = json.loads(dst.read_text()) if dst.exists() else {}
-    for section, entries in carried.items():
-        if isinstance(entries, dict):
-            have = merged.setdefault(section, {})
-            for key, value in entries.items():
-                if key not in have:
-                    have[key] = value
-                    print(f"carried {key}")
-        else:
-            merged.setdefault(section, entries)
-    atomic_write_text(dst, json.dumps(merged, indent=1))
+    have = json.loads(dst.read_text()) if dst.exists() else {}
+    new = {section: {k: v for k, v in entries.items() if k not in have.get(section, {})}
+           if isinstance(entries, dict) else entries
+           for section, entries in carried.items() if isinstance(entries, dict) or section not in have}
+    for entries in new.values():
+        for key in entries if isinstance(entries, dict) else ():
+            print(f"carried {key}")
+    save_merged_json(dst, new, indent=1)  # under the lock quality.py writes with, so no side-by-side run is lost
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def test_the_recorded_command_is_the_one_given(tmp_path, monkeypatch):
         ["raydistill", "pretrain", *argv])
 
 
-def test_fp32_export_ships_the_snapshot_bit_for_bit_and_a_bad_dtype_is_one_line(tmp_path, capsys):
+def test_fp32_export_ships_the_snapshot_bit_for_bit_and_a_bad_dtype_is_one_line(tmp_path):
     import dataclasses
 
     import pytest
