@@ -2,15 +2,13 @@
 
 - the driver (``raydistill distill`` as a subprocess) is SIGKILLed after some shards are committed; the same command
   rerun resumes without redoing them and gives the same bytes as an uninterrupted run;
-- on a three-node loopback cluster (``ray.cluster_utils.Cluster``) a sampler actor's process is killed, then a whole
-  node is removed, mid-run: the set completes, exactly IPC images per class, no duplicates, checksums valid;
+- (tests/test_reliability_cluster.py: a sampler actor killed and a node removed mid-run on a three-node cluster;)
 - a full disk (ENOSPC injected at a write point while shards are in flight) is one line, exit 2, committed shards
   intact.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -22,15 +20,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from raydistill.outputs import read_manifest, shards_dir, sidecar, verify_set
+from raydistill.outputs import shards_dir, sidecar
 from tests.conftest import FMNIST_ROOT, needs_fmnist
+from tests.set_checks import ENV, check_complete, set_tree
 
 pytestmark = needs_fmnist
 REPO = Path(__file__).resolve().parents[1]
 F = str(FMNIST_ROOT)
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-       "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def _session_procs(sid: int) -> list[psutil.Process]:
@@ -52,27 +48,6 @@ def _end_session(sid: int) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(_session_procs(sid), timeout=20)
-
-
-def _tree(out: Path) -> dict[str, bytes]:
-    """The set's content: every PNG, grid.png, run.json, and the manifest rows without their timing column."""
-    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.glob("*/*.png"))}
-    files.update({n: (out / n).read_bytes() for n in ("grid.png", "run.json")})
-    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in read_manifest(out)]
-    files["manifest rows"] = json.dumps(rows, sort_keys=True).encode()
-    return files
-
-
-def _check_complete(out: Path, classes: int, ipc: int) -> list[dict]:
-    """Exactly ``ipc`` images per class, no duplicate (class, index) or path, every PNG matching its sha256."""
-    rows = read_manifest(out)
-    keys = [(r["label"], r["index"]) for r in rows]
-    assert sorted(keys) == [(c, k) for c in range(classes) for k in range(ipc)], keys
-    assert len({r["path"] for r in rows}) == len(rows)
-    assert len(list(out.glob("*/*.png"))) == classes * ipc  # no stray PNGs beside the manifest's
-    assert verify_set(out) == []
-    assert not sidecar(out).exists()  # no staging, shard or temporary file is left once the set is finished
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,55 +104,8 @@ def test_driver_sigkill_then_rerun_resumes_byte_identical(tiny_model, tmp_path: 
     assert f"{6 - done} shards run, {done} resumed" in p.stdout  # the driver's own count of shards it made
     after = {k: (v.st_ino, v.st_mtime_ns) for k, v in ((k, (out / k).stat()) for k in before)}
     assert {k: after[k] for k in before} == before  # the finished shards' PNGs were not rewritten
-    _check_complete(out, classes=3, ipc=2)
-    assert _tree(out) == _tree(ref)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# a three-node cluster on loopback: an actor killed, then a node removed, mid-run (tests/cluster_faults.py, run as
-# its own driver process: a Ray driver inside pytest hung connecting to a ray.cluster_utils.Cluster here)
-
-@pytest.fixture(scope="module")
-def faults(tiny_model, tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("faults")
-    cmd = [sys.executable, "-m", "tests.cluster_faults", str(root), str(tiny_model[0]), str(tiny_model[1])]
-    p = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True, timeout=600, start_new_session=True)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return root, json.loads((root / "report.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model, tmp_path_factory) -> dict[str, bytes]:
-    from raydistill.distill import distill_local
-    from tests.cluster_faults import fault_cfg
-
-    out = tmp_path_factory.mktemp("ref") / "set"
-    distill_local(fault_cfg(tiny_model[0], tiny_model[1], out), shard_size=1)
-    return _tree(out)
-
-
-def test_sampler_actor_killed_mid_run_is_retried(faults, reference) -> None:
-    root, report = faults
-    r = report["actor"]
-    assert r["killed"] and not psutil.pid_exists(r["killed"])
-    assert r["nodes_with_samplers"] == 2  # the two samplers ran on two different nodes
-    assert r["shards_run"] == 6 and r["commits_before_kill"] == 1  # killed with 5 of 6 shards still to do
-    _check_complete(root / "actor", classes=3, ipc=2)
-    assert _tree(root / "actor") == reference  # same bytes as an uninterrupted in-process run
-
-
-def test_node_removed_mid_run_is_retried_on_the_rest(faults, reference) -> None:
-    root, report = faults
-    r = report["node"]
-    assert r["removed_node_had_sampler"] and r["alive_nodes_after"] == 2
-    assert r["shards_run"] == 6 and r["commits_before_kill"] == 1
-    _check_complete(root / "node", classes=3, ipc=2)
-    assert _tree(root / "node") == reference
-
-
-def test_cluster_nodes_listen_on_loopback_only(faults) -> None:
-    _, report = faults
-    assert report["listening"] and set(report["listening"]) <= LOOPBACK, report["listening"]
+    check_complete(out, classes=3, ipc=2)
+    assert set_tree(out) == set_tree(ref)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
