@@ -222,7 +222,7 @@ budget: {{num_samples: 1}}
      {"cfg_scale": 3.7818889431943044, "igd_scale": 0.3305527105705819, "igd_gamma": 74.3633960391274}),
     ("fmnist-minimax+mgd3-tuned.yaml", "m4/minimax+mgd3-best.yaml", "minimax+mgd3",
      {"cfg_scale": 2.8461553344437616, "mode_scale": 0.1969604478764867, "t_stop": 14}),
-    ("fmnist-minimax-tuned.yaml", "m3/minimax-best.yaml", "minimax", {"cfg_scale": 3.188489682951995}),
+    ("fmnist-minimax-tuned.yaml", "m4/minimax-best.yaml", "minimax", {"cfg_scale": 3.188489682951995}),
 ])
 def test_shipped_tuned_preset_is_the_benchmarked_configuration(preset, study_best, method, expected) -> None:
     """A shipped tuned preset (jobs/configs) reads through `distill --preset` into the settings that
