@@ -211,7 +211,7 @@ budget: {{num_samples: 1}}
 
 
 @pytest.mark.parametrize("preset, study_best, method, expected", [
-    ("fmnist-mgd3+igd-tuned.yaml", "m3/mgd3+igd-best.yaml", "mgd3+igd",
+    ("fmnist-mgd3+igd-tuned.yaml", "m4/mgd3+igd-best.yaml", "mgd3+igd",
      {"cfg_scale": 3.5816103691334944, "igd_scale": 17.805487040095848, "igd_gamma": 3.3319343551039444,
       "mode_scale": 0.17634952302877413, "t_stop": 11}),
     ("fmnist-igd-tuned.yaml", "m4/igd-best.yaml", "igd",
