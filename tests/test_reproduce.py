@@ -28,11 +28,10 @@ PRESETS = {name: yaml.safe_load((REPO / f"jobs/configs/fmnist-{name}-tuned.yaml"
            for name in ("igd", "mgd3+igd", "mgd3", "minimax-igd", "minimax+mgd3", "minimax")}
 IGD_TUNED = PRESETS["igd"]
 # the Tune presets measured on the model of 2026-12-07 (docs/BENCHMARKS.md section 8): (mean, std, nets) of the
-# method and of plain DiT at the preset's CFG where measured; the others were tuned on the model of 2026-12-06 and
-# have no band on this one until measured on it
+# method and of plain DiT at the preset's CFG where measured (None: no band); a preset missing here would have none
 TUNED = {"mgd3": ((78.55, 0.14, 3), (73.00, 0.61, 3)), "minimax+mgd3": ((76.87, 0.08, 3), None),
          "minimax": ((73.35, 0.37, 3), None), "igd": ((73.92, 0.41, 3), None),
-         "mgd3+igd": ((77.48, 0.15, 3), None)}
+         "mgd3+igd": ((77.48, 0.15, 3), None), "minimax-igd": ((70.78, 0.28, 3), None)}
 
 # typed from docs/BENCHMARKS.md: (method, IPC, preset) -> (mean, std, nets), method defaults at CFG 4, the model of
 # 2026-12-07 (the model of 2026-12-06's figures are Appendix B, its bands `git show 629b2f9:raydistill/presets/...`)

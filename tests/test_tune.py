@@ -218,7 +218,7 @@ budget: {{num_samples: 1}}
      {"cfg_scale": 3.835108789890624, "igd_scale": 9.716707176635781, "igd_gamma": 111.36229888148317}),
     ("fmnist-mgd3-tuned.yaml", "m4/mgd3-best.yaml", "mgd3",
      {"cfg_scale": 2.5760629674271778, "mode_scale": 0.2773171194143533, "t_stop": 24}),
-    ("fmnist-minimax-igd-tuned.yaml", "m3/minimax-igd-best.yaml", "minimax-igd",
+    ("fmnist-minimax-igd-tuned.yaml", "m4/minimax-igd-best.yaml", "minimax-igd",
      {"cfg_scale": 3.7818889431943044, "igd_scale": 0.3305527105705819, "igd_gamma": 74.3633960391274}),
     ("fmnist-minimax+mgd3-tuned.yaml", "m4/minimax+mgd3-best.yaml", "minimax+mgd3",
      {"cfg_scale": 2.8461553344437616, "mode_scale": 0.1969604478764867, "t_stop": 14}),
@@ -227,8 +227,8 @@ budget: {{num_samples: 1}}
 def test_shipped_tuned_preset_is_the_benchmarked_configuration(preset, study_best, method, expected) -> None:
     """A shipped tuned preset (jobs/configs) reads through `distill --preset` into the settings that
     docs/BENCHMARKS.md section 8 evaluated (the values of its `benchmarks/quality.py --set` command), equal to its
-    study's best.yaml on the shipped model (copied to benchmarks/results/m4; m3: a preset not yet re-tuned, its study
-    and evaluation on the model of 2026-12-06, Appendix B.8), and parses into the method's typed parameters."""
+    study's best.yaml on the shipped model (copied to benchmarks/results/m4; the model of 2026-12-06's are in
+    benchmarks/results/m3, Appendix B.8), and parses into the method's typed parameters."""
     from raydistill.cli import _config, build_parser
     from raydistill.methods import get_method
 
