@@ -65,10 +65,11 @@ class Band:
     def text(self) -> str:
         """'43.3 +- 0.3 [41.3, 45.3] reruns 35.6/35.8' (published), '69.45 +- 0.42 [68.45, 70.45] 5 nets', or
         '80.53 [79.53, 81.53] 1 net' (one net has no spread to print)."""
-        pm = "" if self.std is None or self.nets == 1 else f" +- {self.std:g}"
+        fmt = ".2f" if self.kind == "builtin" else "g"  # built-in figures have two decimals: 73.00, not 73
+        pm = "" if self.std is None or self.nets == 1 else f" +- {self.std:{fmt}}"
         tail = (f" reruns {'/'.join(f'{r:g}' for r in self.reruns)}" if self.reruns else
                 f" {self.nets} net{'s' * (self.nets != 1)}" if self.nets else "")
-        return f"{self.mean:g}{pm} [{self.low:.2f}, {self.high:.2f}]{tail}"
+        return f"{self.mean:{fmt}}{pm} [{self.low:.2f}, {self.high:.2f}]{tail}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
