@@ -20,12 +20,18 @@ def test_rows_are_quality_commands_with_their_variant(tmp_path: Path) -> None:
     assert cmd[2:] == ["--methods", "igd", "--ipc", "10", "--preset", "dc", "--nets", "5", "--cfg-scale", "4",
                        "--results", str(tmp_path / "q.json"), "--tag=-gamma0", "--set", "igd_gamma=0.0",
                        "--threads", "1"]
+    import yaml
+
+    shipped = yaml.safe_load(abl.DEFAULT_BEST.read_text())  # the default job's preset (tuned MGD3 since 2026-12-07)
     best = [r for r in dict(abl.tables())["cfg"][1] if r.tag == "-best-cfg2"][0]
-    assert best.method == "mgd3" and best.cfg_scale == 2.0 and best.extra == {}  # the shipped default preset
+    assert (best.method, best.cfg_scale, best.extra) == (shipped["method"], 2.0, shipped.get("extra", {}))
     assert "--cfg-scale" in (c := abl.command(best, 10, "dc", 3, tmp_path / "q.json", None, "runs/m3")) and \
         c[c.index("--cfg-scale") + 1] == "2" and c[c.index("--root") + 1] == "runs/m3"
-    # the default preset at its own CFG is MGD3's main-table cell: read from there, not run again
-    assert [r.name for r in dict(abl.tables())["cfg"][1] if r.method == "mgd3"] == \
+    assert [f"{k}={v}" for k, v in sorted(best.extra.items())] == [c[i + 1] for i, x in enumerate(c) if x == "--set"]
+    # a preset with the method's defaults at CFG 4 is the method's main-table cell: read from there, not run again
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("method: mgd3\ncfg_scale: 4.0\n")
+    assert [r.name for r in dict(abl.tables(plain))["cfg"][1] if r.method == "mgd3"] == \
         ["mgd3", "mgd3-best-cfg2", "mgd3-best-cfg1"]
     tuned = Path(abl.HERE.parent / "jobs" / "configs" / "fmnist-mgd3+igd-tuned.yaml")
     assert [r.tag for r in dict(abl.tables(tuned))["cfg"][1] if r.method == "mgd3+igd"] == \
