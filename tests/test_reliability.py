@@ -22,10 +22,9 @@ import pytest
 
 from raydistill.outputs import shards_dir, sidecar
 from tests.conftest import FMNIST_ROOT, needs_fmnist
-from tests.set_checks import ENV, check_complete, set_tree
+from tests.set_checks import ENV, REPO, check_complete, set_tree
 
 pytestmark = needs_fmnist
-REPO = Path(__file__).resolve().parents[1]
 F = str(FMNIST_ROOT)
 
 
