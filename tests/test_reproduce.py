@@ -43,6 +43,7 @@ BENCHMARKS = {("random", 1, "dc"): (45.76, 0.54, 5), ("random", 10, "dc"): (72.5
                   ("herding", 74.97, 0.13), ("minimax", 73.51, 0.34), ("igd", 73.21, 0.46),
                   ("minimax-igd", 72.97, 0.47)]},
               ("mgd3", 10, "dsa"): (79.06, 0.11, 3), ("minimax+mgd3", 10, "dsa"): (79.40, 0.23, 3),  # section 12
+              ("herding", 50, "dc"): (80.28, 0.10, 3), ("herding", 10, "dsa"): (76.76, 0.16, 3),  # 9, 12 (B.9, B.12)
               **{(m, 1, "dc"): (mean, std, 5) for m, mean, std in  # section 11
                  [("dit", 60.10, 0.43), ("minimax", 60.17, 0.49), ("minimax-igd", 61.05, 0.47), ("igd", 61.84, 0.58),
                   ("minimax+mgd3", 62.70, 0.53), ("herding", 63.37, 0.37), ("mgd3", 65.60, 0.70),
