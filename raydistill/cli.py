@@ -51,6 +51,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
+    return v
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--config", help="YAML config file (command-line flags override it)")
@@ -191,11 +201,12 @@ def cmd_tune(a: argparse.Namespace) -> int:
     from raydistill.tune_space import load_space
 
     space = load_space(a.space, dict(a.set or []))
-    if a.num_samples is not None or a.time_budget is not None:
+    if a.num_samples is not None or a.time_budget is not None or a.confirm is not None:
         from dataclasses import replace
 
         space = replace(space, num_samples=a.num_samples or space.num_samples,
-                        time_budget_s=a.time_budget or space.time_budget_s)
+                        time_budget_s=a.time_budget or space.time_budget_s,
+                        confirm_top=space.confirm_top if a.confirm is None else a.confirm)
     from raydistill.orchestration.tune_job import format_summary, run_study
     from raydistill.preflight import check_root, preflight_tune
 
@@ -479,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a fixed setting of the space's config (e.g. surrogate=PATH, ipc=5); repeatable")
     t.add_argument("--num-samples", type=_positive_int, help="override budget.num_samples")
     t.add_argument("--time-budget", type=_positive_int, help="override budget.time_budget_s (seconds)")
+    t.add_argument("--confirm", type=_non_negative_int, metavar="N",
+                   help="override confirm.top: re-run the N best trials and the defaults on the full protocol after "
+                        "the search and keep the best of them as best.yaml (0: keep the search's best)")
     t.add_argument("--root", default="runs", help="output root: runs/tune/<study>-<time>, mlflow.db (default ./runs)")
     t.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<root>/mlflow.db)")

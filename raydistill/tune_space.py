@@ -12,6 +12,12 @@ A space file has these sections (see ``tune_spaces/*.yaml``)::
     scheduler: {name: asha, grace_period: 25, reduction_factor: 2}   # or median / fifo
     evaluation: {eval_every: 25}   # test interval (epochs) = the early-stopping points
     resources: {cpu: 1, gpu: 0}    # per trial; fractional GPUs share one device
+    confirm: {top: 2, defaults: true, config: {num_evals: 1}}   # optional: re-run the best on the full protocol
+
+``confirm`` (:mod:`raydistill.orchestration.tune_confirm`): after the search, the ``top`` best completed trials and,
+with ``defaults``, the fixed config alone are distilled and evaluated again with ``config`` over the study shortcuts
+(default ``{classes: null, eval_epochs: null, num_evals: 1}``: every class, the preset's epochs, one net); the best
+of them is ``best.yaml``. ``top: 0`` (or no section) keeps the proxy's winner.
 
 Distributions: ``uniform``/``loguniform`` (low, high), ``int`` (low..high inclusive), ``choice`` (values) and ``grid``
 (values: every value is tried, ``num_samples`` times). Every mistake raises one :class:`UserError` naming the file.
@@ -29,9 +35,11 @@ from raydistill.errors import UserError
 
 DISTS = ("uniform", "loguniform", "int", "choice", "grid")
 SCHEDULERS = ("asha", "median", "fifo")
-SECTIONS = ("name", "description", "config", "params", "metric", "budget", "scheduler", "evaluation", "resources")
+SECTIONS = ("name", "description", "config", "params", "metric", "budget", "scheduler", "evaluation", "resources",
+            "confirm")
 CONFIG_FIELDS = {f.name for f in fields(DistillConfig)}
 TRIAL_ONLY = ("out", "classes", "eval_epochs", "num_evals")  # study shortcuts, not part of a best preset
+FULL_PROTOCOL = {"classes": None, "eval_epochs": None, "num_evals": 1}  # confirm.config's default
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,9 @@ class TuneSpace:
     cpu: float = 1.0
     gpu: float = 0.0
     description: str = ""
+    confirm_top: int = 0
+    confirm_defaults: bool = True
+    confirm_config: dict[str, Any] = field(default_factory=lambda: dict(FULL_PROTOCOL))
 
     def base_config(self) -> DistillConfig:
         """The study's fixed settings as a DistillConfig (searched values are filled in per trial)."""
@@ -190,6 +201,7 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Tun
     sched = _section(p, data, "scheduler", {"name", "grace_period", "reduction_factor", "min_samples_required"})
     evaluation = _section(p, data, "evaluation", {"eval_every"})
     res = _section(p, data, "resources", {"cpu", "gpu"})
+    confirm = _section(p, data, "confirm", {"top", "defaults", "config"})
     mode = metric.get("mode", "max")
     if mode not in ("max", "min"):
         raise _fail(p, f"metric.mode must be max or min, got {mode!r}", "use max for accuracy")
@@ -208,15 +220,39 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Tun
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise _fail(p, f"evaluation.eval_every must be an integer >= 0, got {every!r}", "e.g. eval_every: 25")
     budget_s = budget.get("time_budget_s")
+    top = confirm.get("top", 0)
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise _fail(p, f"confirm.top must be an integer >= 0, got {top!r}", "e.g. top: 2 (0: no confirmation)")
+    if not isinstance(confirm.get("defaults", True), bool):
+        raise _fail(p, f"confirm.defaults must be true or false, got {confirm['defaults']!r}", "e.g. defaults: true")
+    full = confirm.get("config") or {}
+    if not isinstance(full, dict):
+        raise _fail(p, "confirm.config must be a mapping of config keys", "e.g. config: {num_evals: 2}")
+    bad = sorted(k for k in full if k not in CONFIG_FIELDS or k in ("out", "extra", "method")
+                 or k in {q.name for q in params})
+    n_full = full.get("num_evals", 1)
+    if isinstance(n_full, bool) or not isinstance(n_full, int) or n_full < 1:
+        raise _fail(p, f"confirm.config.num_evals must be an integer >= 1, got {n_full!r}",
+                    "e.g. num_evals: 1 (each contender's nets train from the same seeds)")
+    if bad:
+        raise _fail(p, f"confirm.config cannot set {', '.join(map(str, bad))}",
+                    "give it evaluation settings (classes, eval_epochs, num_evals, eval_preset, ...), not searched "
+                    "parameters, method or out")
     space = TuneSpace(
         name=str(data.get("name") or p.stem), path=str(p), config=config, params=params,
         metric=str(metric.get("name", "accuracy")), mode=mode, num_samples=n,
         time_budget_s=None if budget_s is None else _number(p, "budget.time_budget_s", budget_s, positive=True),
         max_concurrent=conc, seed=int(budget.get("seed", 0)), scheduler={"name": "asha", **sched},
         eval_every=every, cpu=_number(p, "resources.cpu", res.get("cpu", 1), positive=True),
-        gpu=_number(p, "resources.gpu", res.get("gpu", 0)), description=str(data.get("description") or ""))
+        gpu=_number(p, "resources.gpu", res.get("gpu", 0)), description=str(data.get("description") or ""),
+        confirm_top=top, confirm_defaults=confirm.get("defaults", True), confirm_config={**FULL_PROTOCOL, **full})
+    first = {q.name: (q.values[0] if q.values else q.low) for q in params}
     try:
-        space.trial_config({q.name: (q.values[0] if q.values else q.low) for q in params})
+        space.trial_config(first)
     except UserError as e:
         raise _fail(p, f"config: {e.problem}", e.fix or "fix the config section") from None
+    try:
+        DistillConfig.from_dict({**space.trial_config(first).to_dict(), **space.confirm_config})
+    except UserError as e:
+        raise _fail(p, f"confirm.config: {e.problem}", e.fix or "fix the confirm section") from None
     return space

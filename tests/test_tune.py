@@ -27,6 +27,9 @@ def test_shipped_spaces_load_and_validate(path: Path) -> None:
     cfg = space.base_config()
     assert cfg.method == data["config"]["method"] and space.params and space.num_samples >= 12
     assert space.scheduler["name"] == "asha" and 0 < space.eval_every < space.eval_epochs()
+    # the proxy's winner is confirmed against the defaults on the full protocol, one net each (docs/TUNE.md)
+    assert space.confirm_top >= 1 and space.confirm_defaults
+    assert space.confirm_config == {"classes": None, "eval_epochs": None, "num_evals": 1}
     full = get_preset(cfg.eval_preset).epochs  # dc 300, dsa 1,000
     assert space.eval_epochs() == cfg.eval_epochs < full  # a shortened evaluation under the preset
     values = {p.name: (p.values[0] if p.values else p.high) for p in space.params}
@@ -55,6 +58,12 @@ BAD = {
     "bad scheduler": (GOOD + "scheduler: {name: pbt}\n", r"unknown scheduler 'pbt'"),
     "bad samples": (GOOD + "budget: {num_samples: 0}\n", r"budget\.num_samples must be a positive integer"),
     "not yaml": ("params: [1\n", r"not valid YAML"),
+    "confirm top": (GOOD + "confirm: {top: -1}\n", r"confirm\.top must be an integer >= 0, got -1"),
+    "confirm searched": (GOOD + "confirm: {top: 1, config: {mode_scale: 0.5}}\n",
+                         r"confirm\.config cannot set mode_scale"),
+    "confirm no nets": (GOOD + "confirm: {top: 1, config: {num_evals: 0}}\n",
+                        r"confirm\.config\.num_evals must be an integer >= 1, got 0"),
+    "confirm bad value": (GOOD + "confirm: {top: 1, config: {steps: 0}}\n", r"confirm\.config: steps and batch"),
 }
 
 
@@ -87,6 +96,7 @@ params:
   t_stop: {{dist: int, low: 0, high: 4}}
 budget: {{num_samples: 1, max_concurrent: 1}}
 evaluation: {{eval_every: 1}}
+confirm: {{top: 1, defaults: true, config: {{classes: ["0", "1", "2"], eval_epochs: 3, num_evals: 2}}}}
 """)
     seeds = tmp / "seeds.yaml"
     seeds.write_text("""name: seeds
@@ -132,7 +142,7 @@ def test_study_writes_parent_and_child_runs_sharing_state(studies, tiny_model) -
     # the best configuration is a preset `distill --preset` takes; explicit flags override it
     from raydistill.cli import _config, build_parser
 
-    best = yaml.safe_load(Path(summary["preset"]).read_text())
+    best = yaml.safe_load(Path(summary["proposed"]).read_text())  # the search's best (best.yaml: confirmed)
     best_trial = max(summary["trials"], key=lambda t: t["accuracy"])
     assert best["extra"]["mode_scale"] == best_trial["values"]["mode_scale"] and best["method"] == "mgd3"
     assert "classes" not in best and "out" not in best
@@ -140,6 +150,51 @@ def test_study_writes_parent_and_child_runs_sharing_state(studies, tiny_model) -
     cfg = _config(a)
     assert cfg.ipc == 3 and cfg.extra["t_stop"] == 3 and cfg.extra["mode_scale"] == best["extra"]["mode_scale"]
     assert cfg.model == str(tiny_model[0]) and cfg.dataset == "digits" and cfg.method == "mgd3"
+
+
+def test_confirmation_reruns_the_best_trial_and_the_defaults_on_the_full_protocol(studies) -> None:
+    """``confirm``: the best trial and the space's fixed config (no searched value) are distilled again under
+    confirm.config (here 3 classes, 3 epochs, 2 nets, where the trials had 2 classes, 2 epochs, 1 net) with the same
+    seeds; the better becomes best.yaml, the search's winner proposed.yaml; each is an MLflow child run."""
+    import torch
+
+    from raydistill.distill import evaluate_images, load_distilled, open_dataset
+    from raydistill.orchestration.tune_confirm import confirm_config, confirmed_best
+    from raydistill.tune_space import best_preset
+
+    root, summary, _ = studies
+    space = load_space(summary["space_file"])
+    proposed = max(summary["trials"], key=lambda t: t["accuracy"])
+    trial, defaults = summary["confirm"]
+    assert (trial["label"], trial["values"], trial["proxy"]) == (f"trial-{proposed['trial_id']}",
+                                                                  proposed["values"], proposed["accuracy"])
+    assert (defaults["label"], defaults["values"], defaults["proxy"]) == ("defaults", {}, None)
+    for c in (trial, defaults):  # the full protocol's set: 3 classes x IPC 2, two nets each
+        assert sorted(p.name for p in Path(c["out"]).iterdir() if p.is_dir()) == ["0", "1", "2"]
+        assert len(c["nets"]) == 2 and c["accuracy"] == pytest.approx(sum(c["nets"]) / 2)
+    chosen = summary["confirmed"]
+    assert chosen["label"] == max((trial, defaults), key=lambda c: c["accuracy"])["label"]
+    assert chosen["label"] == confirmed_best(space, summary["confirm"])["label"]
+    assert yaml.safe_load(Path(summary["preset"]).read_text()) == best_preset(space, chosen["values"])
+    assert yaml.safe_load(Path(summary["proposed"]).read_text()) == best_preset(space, proposed["values"])
+    # the recorded accuracy is the set's own under the confirmation protocol (recomputed here, same seed)
+    cfg = confirm_config(space, trial["values"], trial["out"])
+    ds = open_dataset(cfg)
+    x, y = load_distilled(cfg.out, ds, [0, 1, 2], ipc=cfg.ipc)
+    torch.manual_seed(123)  # the evaluation seeds itself: no global state leaks in
+    r = evaluate_images(x, y, ds, cfg.eval_preset, "convnet", 2, seed=cfg.seed, epochs=3, device="cpu")
+    assert r.last_accs == pytest.approx(trial["nets"])
+    runs = _runs(root)
+    confirms = runs[(runs["tags.kind"] == "confirm") & (runs["tags.study"] == "tiny-mgd3")]
+    assert sorted(confirms["tags.contender"]) == sorted([trial["label"], "defaults"])
+    assert set(confirms["params.num_evals"]) == {"2"} and (confirms["status"] == "FINISHED").all()
+    parent = runs[(runs["tags.kind"] == "study") & (runs["tags.study"] == "tiny-mgd3")].iloc[0]
+    assert set(confirms["tags.mlflow.parentRunId"]) == {parent["run_id"]}
+    assert parent["metrics.confirmed_accuracy"] == pytest.approx(chosen["accuracy"])
+    assert parent["params.confirmed.label"] == chosen["label"]
+    # ties keep the earlier contender; a failed one is never chosen
+    ok = [{"label": "a", "accuracy": 50.0}, {"label": "b", "error": "boom"}, {"label": "c", "accuracy": 50.0}]
+    assert confirmed_best(space, ok)["label"] == "a" and confirmed_best(space, ok[1:2]) is None
 
 
 def test_asha_early_stopped_trials_are_marked(studies) -> None:
@@ -166,7 +221,9 @@ def test_compare_prints_filters_and_plots(studies, tmp_path: Path, capsys) -> No
     assert main(["compare", "--root", root, "--plot", str(tmp_path / "p.png")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["method", "dataset", "IPC"]
-    assert sum(ln.startswith("mgd3 ") for ln in out) == 2 and sum(ln.startswith("random ") for ln in out) == 6
+    mgd3 = [ln for ln in out if ln.startswith("mgd3 ")]  # two trials (2 classes), two confirmation runs (3)
+    assert len(mgd3) == 4 and sum(" confirm " in ln and " 3cls " in ln for ln in mgd3) == 2
+    assert sum(ln.startswith("random ") for ln in out) == 6
     # a set's CFG interval is a key parameter; a run without one shows none (not an empty value)
     assert all(("cfg_interval=200,600" in ln) == ln.startswith("mgd3 ") for ln in out[1:-1])
     assert all("digits" in ln for ln in out[1:-1])

@@ -1,7 +1,8 @@
 """``raydistill compare``: the MLflow runs of distillations and tune trials as one table, and a plot.
 
 Rows come from every run of the ``raydistill`` experiment that has an accuracy metric (``acc_<preset>_<net>_mean``,
-what the main job and every completed or early-stopped trial log); study parent runs are summaries and are left out.
+what the main job, every completed or early-stopped trial and every confirmation run of a study log); study parent
+runs are summaries and are left out.
 A distilled set (runs tagged ``raydistill.set_id``) is one row per evaluation protocol: its latest FINISHED run,
 which holds every result of the set so far (reruns, killed and failed runs are left out). Reading writes nothing: a
 missing sqlite database is an error, not a new empty one.

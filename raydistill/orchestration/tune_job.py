@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raydistill.orchestration.tune_confirm import confirmed_best, log_confirmation, run_confirmation
 from raydistill.tune_space import TuneSpace, apply_values, best_preset
 
 _CACHE: dict[tuple, Any] = {}  # per worker process: (kind, key) -> loaded object
@@ -205,6 +206,7 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
     """Run the study; returns a summary (best trial, its values, the preset file, trial statuses)."""
     import mlflow
     import yaml
+    from mlflow import MlflowClient
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -244,22 +246,42 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
                 run_config=tune.RunConfig(name=f"{space.name}-{stamp}", storage_path=str(study_dir / "ray"),
                                           callbacks=[cb], verbose=0))
             grid = tuner.fit()
-        rows = []
-        for r in grid:
-            m, conf = r.metrics or {}, r.config or {}
-            rows.append({"trial_id": m.get("trial_id"), "values": {p.name: conf.get(p.name) for p in space.params},
-                         space.metric: m.get(space.metric), "epoch": m.get("epoch"),
-                         "completed": bool(m.get("completed")), "error": r.error is not None})
-        done = [r for r in rows if r["completed"] and r[space.metric] is not None]
-        summary = {"study": space.name, "dir": str(study_dir), "seconds": time.time() - t0, "trials": rows,
-                   "parent_run_id": parent.info.run_id, "early_stopped": sorted(sched.stopped)}
+            rows = []
+            for r in grid:
+                m, conf = r.metrics or {}, r.config or {}
+                rows.append({"trial_id": m.get("trial_id"), "values": {p.name: conf.get(p.name) for p in space.params},
+                             space.metric: m.get(space.metric), "epoch": m.get("epoch"),
+                             "completed": bool(m.get("completed")), "error": r.error is not None})
+            done = [r for r in rows if r["completed"] and r[space.metric] is not None]
+            confirmation = run_confirmation(space, done, study_dir, log) if done and space.confirm_top else []
+        summary = {"study": space.name, "space_file": space.path, "dir": str(study_dir), "seconds": time.time() - t0,
+                   "trials": rows, "parent_run_id": parent.info.run_id, "early_stopped": sorted(sched.stopped)}
         if done:
             best = (max if space.mode == "max" else min)(done, key=lambda r: r[space.metric])
+            proxy = (f"{space.metric} {best[space.metric]:.2f} at IPC {base.ipc} on classes "
+                     f"{list(base.classes or []) or 'all'}, {epochs} eval epochs")
+            chosen = confirmed_best(space, confirmation)
             preset = study_dir / "best.yaml"
-            header = (f"# best of study {space.name} ({space.path}): trial {best['trial_id']}, {space.metric} "
-                      f"{best[space.metric]:.2f} at IPC {base.ipc} on classes {list(base.classes or []) or 'all'}, "
-                      f"{epochs} eval epochs\n# use: raydistill distill --preset {preset}\n")
-            atomic_write_text(preset, header + yaml.safe_dump(best_preset(space, best["values"]), sort_keys=False))
+            if chosen is None:
+                header = f"# best of study {space.name} ({space.path}): trial {best['trial_id']}, {proxy}\n"
+            else:
+                log_confirmation(MlflowClient(tracking_uri), exp.experiment_id, parent.info.run_id, space,
+                                 confirmation)
+                proposed = study_dir / "proposed.yaml"
+                atomic_write_text(proposed, f"# the search's best of study {space.name}: trial {best['trial_id']}, "
+                                  f"{proxy}\n" + yaml.safe_dump(best_preset(space, best["values"]), sort_keys=False))
+                mlflow.log_artifact(str(proposed))
+                scores = "; ".join(f"{c['label']} {c['accuracy']:.2f}" if "accuracy" in c else f"{c['label']} failed"
+                                   for c in confirmation)
+                header = (f"# confirmed best of study {space.name} ({space.path}): {chosen['label']}, "
+                          f"{space.metric} {chosen['accuracy']:.2f} on the full protocol ({scores}); the search "
+                          f"proposed trial {best['trial_id']} ({proxy}, proposed.yaml)\n")
+                mlflow.log_metric(f"confirmed_{space.metric}", chosen["accuracy"])
+                mlflow.log_param("confirmed.label", chosen["label"])
+                summary.update(confirm=confirmation, confirmed=chosen, proposed=str(proposed))
+            header += f"# use: raydistill distill --preset {preset}\n"
+            values = best["values"] if chosen is None else chosen["values"]
+            atomic_write_text(preset, header + yaml.safe_dump(best_preset(space, values), sort_keys=False))
             mlflow.log_artifact(str(preset))
             mlflow.log_metric(f"best_{space.metric}", best[space.metric])
             mlflow.log_params({f"best.{k}": str(v) for k, v in best["values"].items()})
@@ -289,6 +311,12 @@ def format_summary(summary: dict, metric: str) -> str:
         acc = "-" if r[metric] is None else f"{r[metric]:.2f}"
         vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["values"].items())
         lines.append(f"{str(r['trial_id']):<12} {status:<14} {acc:>9} {str(r['epoch']):>6}  {vals}")
+    if summary.get("confirm"):
+        lines.append(f"confirmed on the full protocol ({metric}; the best of them is best.yaml):")
+        for c in summary["confirm"]:
+            proxy = "-" if c["proxy"] is None else f"{c['proxy']:.2f}"
+            full = c.get("error") or f"{c['accuracy']:.2f}  nets " + ", ".join(f"{a:.2f}" for a in c["nets"])
+            lines.append(f"  {c['label']:<20} proxy {proxy:>7}  full {full}")
     if summary.get("preset"):
         lines.append(f"best configuration: {summary['preset']}")
     return "\n".join(lines)
