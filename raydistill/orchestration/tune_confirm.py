@@ -54,7 +54,7 @@ def _confirm_one(space: TuneSpace, values: dict[str, Any], out: str, label: str)
     cfg = confirm_config(space, values, out)
     t0 = time.time()
     runner = ShardRunner(cfg, device)
-    res = distill_local(cfg, runner=runner)  # resumes a set an interrupted confirmation left
+    res = distill_local(cfg, runner=runner)
     ds = runner.ds
     x, y = load_distilled(cfg.out, ds, selected_labels(cfg, ds), ipc=cfg.ipc)
     net = cfg.eval_nets[0]
