@@ -267,6 +267,30 @@ budget: {{num_samples: 1}}
     assert list(trial["tags.tune.status"]) == ["error"] and list(trial["status"]) == ["FAILED"]
 
 
+def test_failed_confirmation_keeps_the_search_best(ray_local, tiny_model, tmp_path: Path) -> None:
+    """A contender that fails on the full protocol (a class the dataset lacks, only read when it runs) is recorded as
+    failed, in the summary and as a FAILED MLflow run, and best.yaml stays the search's best trial."""
+    from raydistill.orchestration.tune_job import format_summary, run_study
+
+    dit, vae = tiny_model
+    space = load_space(_space(tmp_path, f"""name: unconfirmed
+config: {{dataset: digits, image_size: 32, model: {dit}, vae: {vae}, method: dit, classes: ["0"], ipc: 1, steps: 2,
+          eval_epochs: 1}}
+params: {{cfg_scale: {{dist: grid, values: [1.0]}}}}
+budget: {{num_samples: 1}}
+confirm: {{top: 1, defaults: false, config: {{classes: ["nosuch"]}}}}
+"""))
+    summary = run_study(space, tmp_path / "runs", log=lambda m: None)
+    (c,) = summary["confirm"]
+    assert "accuracy" not in c and "nosuch" in c["error"] and "confirmed" not in summary
+    header = Path(summary["preset"]).read_text().splitlines()[0]
+    assert header.startswith("# best of study unconfirmed") and "confirmation failed" in header
+    assert yaml.safe_load(Path(summary["preset"]).read_text())["cfg_scale"] == 1.0
+    assert "nosuch" in format_summary(summary, "accuracy")
+    runs = _runs(tmp_path / "runs")
+    assert list(runs[runs["tags.kind"] == "confirm"]["status"]) == ["FAILED"]
+
+
 @pytest.mark.parametrize("preset, study_best, method, expected", [
     ("fmnist-mgd3+igd-tuned.yaml", "m4/mgd3+igd-best.yaml", "mgd3+igd",
      {"cfg_scale": 3.5816103691334944, "igd_scale": 17.805487040095848, "igd_gamma": 3.3319343551039444,

@@ -15,6 +15,9 @@ time, and the lazily computed modes/gradients would still be recomputed per tria
 MLflow: the driver owns the sqlite store (no concurrent writers). One parent run per study and, from a Tune
 callback, one child run per trial (params, per-epoch metrics, the set's grid and manifest). A trial the scheduler
 stopped is tagged ``tune.status=early_stopped`` (metric ``early_stopped=1``, ``stopped_at_epoch``).
+
+With a ``confirm`` section the search's best trials and the defaults are then evaluated on the full protocol and the
+best of them is ``best.yaml`` (:mod:`raydistill.orchestration.tune_confirm`).
 """
 
 from __future__ import annotations
@@ -262,11 +265,14 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
                      f"{list(base.classes or []) or 'all'}, {epochs} eval epochs")
             chosen = confirmed_best(space, confirmation)
             preset = study_dir / "best.yaml"
-            if chosen is None:
-                header = f"# best of study {space.name} ({space.path}): trial {best['trial_id']}, {proxy}\n"
-            else:
+            if confirmation:
                 log_confirmation(MlflowClient(tracking_uri), exp.experiment_id, parent.info.run_id, space,
                                  confirmation)
+                summary.update(confirm=confirmation)
+            if chosen is None:
+                failed = " (its confirmation failed: see the log)" if confirmation else ""
+                header = f"# best of study {space.name} ({space.path}): trial {best['trial_id']}, {proxy}{failed}\n"
+            else:
                 proposed = study_dir / "proposed.yaml"
                 atomic_write_text(proposed, f"# the search's best of study {space.name}: trial {best['trial_id']}, "
                                   f"{proxy}\n" + yaml.safe_dump(best_preset(space, best["values"]), sort_keys=False))
@@ -278,7 +284,7 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
                           f"proposed trial {best['trial_id']} ({proxy}, proposed.yaml)\n")
                 mlflow.log_metric(f"confirmed_{space.metric}", chosen["accuracy"])
                 mlflow.log_param("confirmed.label", chosen["label"])
-                summary.update(confirm=confirmation, confirmed=chosen, proposed=str(proposed))
+                summary.update(confirmed=chosen, proposed=str(proposed))
             header += f"# use: raydistill distill --preset {preset}\n"
             values = best["values"] if chosen is None else chosen["values"]
             atomic_write_text(preset, header + yaml.safe_dump(best_preset(space, values), sort_keys=False))
