@@ -85,6 +85,10 @@ def test_band_matching():
     assert expected(DistillConfig(method="mgd3+igd", ipc=50), "convnet") == NO_SETTINGS_BAND
     assert expected(DistillConfig(ipc=50, cfg_scale=1.5), "convnet").text() == "77.76 +- 0.15 [76.76, 78.76] 3 nets"
     assert expected(DistillConfig(ipc=50), "convnet") == NO_SETTINGS_BAND  # plain DiT at CFG 4: not on this model
+    for method, band in (("mgd3", "81.95 +- 0.22 [80.95, 82.95] 3 nets"),
+                         ("igd", "81.86 +- 0.20 [80.86, 82.86] 3 nets")):
+        assert expected(DistillConfig(method=method, ipc=50, cfg_scale=1.5), "convnet").text() == band
+        assert expected(DistillConfig(method=method, ipc=50), "convnet") == NO_SETTINGS_BAND  # CFG 4: not measured
     assert expected(DistillConfig(method="igd", ipc=50, eval_preset="dsa"), "convnet") == NO_SETTINGS_BAND
     # the IGD family's band is its latent-scaled default gamma; the old constant is other settings
     assert expected(DistillConfig(method="mgd3+igd", extra={"igd_gamma": 3.125}), "convnet") == NO_SETTINGS_BAND
