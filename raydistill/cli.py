@@ -197,16 +197,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tune(a: argparse.Namespace) -> int:
+def tune_space_of(a: argparse.Namespace):
+    """The search space of ``raydistill tune``: the file with ``--set``, then the budget and confirm overrides."""
+    from dataclasses import replace
+
     from raydistill.tune_space import load_space
 
     space = load_space(a.space, dict(a.set or []))
-    if a.num_samples is not None or a.time_budget is not None or a.confirm is not None:
-        from dataclasses import replace
+    return replace(space, num_samples=a.num_samples or space.num_samples,
+                   time_budget_s=a.time_budget or space.time_budget_s,
+                   confirm_top=space.confirm_top if a.confirm is None else a.confirm)
 
-        space = replace(space, num_samples=a.num_samples or space.num_samples,
-                        time_budget_s=a.time_budget or space.time_budget_s,
-                        confirm_top=space.confirm_top if a.confirm is None else a.confirm)
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    space = tune_space_of(a)
     from raydistill.orchestration.tune_job import format_summary, run_study
     from raydistill.preflight import check_root, preflight_tune
 

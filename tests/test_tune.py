@@ -59,8 +59,10 @@ BAD = {
     "bad samples": (GOOD + "budget: {num_samples: 0}\n", r"budget\.num_samples must be a positive integer"),
     "not yaml": ("params: [1\n", r"not valid YAML"),
     "confirm top": (GOOD + "confirm: {top: -1}\n", r"confirm\.top must be an integer >= 0, got -1"),
-    "confirm searched": (GOOD + "confirm: {top: 1, config: {mode_scale: 0.5}}\n",
-                         r"confirm\.config cannot set mode_scale"),
+    "confirm searched": (GOOD.replace("mode_scale", "cfg_scale") + "confirm: {top: 1, config: {cfg_scale: 2.0}}\n",
+                         r"confirm\.config cannot set cfg_scale"),
+    "confirm method parameter": (GOOD + "confirm: {top: 1, config: {t_stop: 5}}\n",
+                                 r"confirm\.config cannot set t_stop"),
     "confirm no nets": (GOOD + "confirm: {top: 1, config: {num_evals: 0}}\n",
                         r"confirm\.config\.num_evals must be an integer >= 1, got 0"),
     "confirm bad value": (GOOD + "confirm: {top: 1, config: {steps: 0}}\n", r"confirm\.config: steps and batch"),
@@ -159,7 +161,8 @@ def test_confirmation_reruns_the_best_trial_and_the_defaults_on_the_full_protoco
     import torch
 
     from raydistill.distill import evaluate_images, load_distilled, open_dataset
-    from raydistill.orchestration.tune_confirm import confirm_config, confirmed_best
+    from raydistill.orchestration.tune_confirm import confirm_config
+    from raydistill.orchestration.tune_job import format_summary
     from raydistill.tune_space import best_preset
 
     root, summary, _ = studies
@@ -173,8 +176,8 @@ def test_confirmation_reruns_the_best_trial_and_the_defaults_on_the_full_protoco
         assert sorted(p.name for p in Path(c["out"]).iterdir() if p.is_dir()) == ["0", "1", "2"]
         assert len(c["nets"]) == 2 and c["accuracy"] == pytest.approx(sum(c["nets"]) / 2)
     chosen = summary["confirmed"]
-    assert chosen["label"] == max((trial, defaults), key=lambda c: c["accuracy"])["label"]
-    assert chosen["label"] == confirmed_best(space, summary["confirm"])["label"]
+    better = trial if trial["accuracy"] > defaults["accuracy"] else defaults  # a tie goes to the defaults
+    assert chosen["label"] == better["label"]
     assert yaml.safe_load(Path(summary["preset"]).read_text()) == best_preset(space, chosen["values"])
     assert yaml.safe_load(Path(summary["proposed"]).read_text()) == best_preset(space, proposed["values"])
     # the recorded accuracy is the set's own under the confirmation protocol (recomputed here, same seed)
@@ -192,9 +195,39 @@ def test_confirmation_reruns_the_best_trial_and_the_defaults_on_the_full_protoco
     assert set(confirms["tags.mlflow.parentRunId"]) == {parent["run_id"]}
     assert parent["metrics.confirmed_accuracy"] == pytest.approx(chosen["accuracy"])
     assert parent["params.confirmed.label"] == chosen["label"]
-    # ties keep the earlier contender; a failed one is never chosen
-    ok = [{"label": "a", "accuracy": 50.0}, {"label": "b", "error": "boom"}, {"label": "c", "accuracy": 50.0}]
-    assert confirmed_best(space, ok)["label"] == "a" and confirmed_best(space, ok[1:2]) is None
+    assert f"the search's best: {summary['proposed']}" in format_summary(summary, "accuracy")
+
+
+def test_confirmation_choice_ties_and_min_mode(tmp_path: Path) -> None:
+    """The contenders are the top trials in the metric's order, then the defaults; a tie goes to the defaults, then
+    to the better-ranked trial; a failed contender is never chosen; ``mode: min`` reverses every order."""
+    from dataclasses import replace
+
+    from raydistill.orchestration.tune_confirm import confirmed_best, contenders
+
+    space = replace(load_space(_space(tmp_path, GOOD)), confirm_top=2)
+    rows = [{"trial_id": i, "values": {"mode_scale": v}, "accuracy": a} for i, v, a in
+            (("a", 0.1, 60.0), ("b", 0.2, 62.0), ("c", 0.3, 61.0))]
+    assert [c["label"] for c in contenders(space, rows)] == ["trial-b", "trial-c", "defaults"]
+    low = replace(space, mode="min")
+    assert [c["label"] for c in contenders(low, rows)] == ["trial-a", "trial-c", "defaults"]
+    assert [c["label"] for c in contenders(replace(space, confirm_defaults=False), rows)] == ["trial-b", "trial-c"]
+    done = [{"label": "trial-b", "accuracy": 70.0}, {"label": "trial-c", "accuracy": 70.0},
+            {"label": "x", "error": "boom"}, {"label": "defaults", "accuracy": 70.0}]
+    assert confirmed_best(space, done)["label"] == "defaults"  # a search result must beat the defaults
+    assert confirmed_best(space, done[:2])["label"] == "trial-b"
+    assert confirmed_best(space, done[2:3]) is None
+    scored = [{"label": "trial-b", "accuracy": 71.0}, {"label": "defaults", "accuracy": 70.0}]
+    assert confirmed_best(space, scored)["label"] == "trial-b" and confirmed_best(low, scored)["label"] == "defaults"
+
+
+def test_confirm_flag_overrides_the_space() -> None:
+    from raydistill.cli import build_parser, tune_space_of
+
+    space = "tune_spaces/mgd3.yaml"
+    top = {flags: tune_space_of(build_parser().parse_args(["tune", space, *flags])).confirm_top
+           for flags in ((), ("--confirm", "0"), ("--confirm", "3"))}
+    assert top == {(): 1, ("--confirm", "0"): 0, ("--confirm", "3"): 3}
 
 
 def test_asha_early_stopped_trials_are_marked(studies) -> None:

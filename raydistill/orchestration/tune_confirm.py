@@ -74,9 +74,10 @@ def run_confirmation(space: TuneSpace, done: list[dict], study_dir: Path,
 
     cands = contenders(space, done)
     full = confirm_config(space, {}, study_dir)
+    epochs = f"{full.eval_epochs} epochs" if full.eval_epochs else "the preset's epochs"
     log(f"confirming {len(cands)} configuration(s) of study {space.name} on the full protocol: "
-        f"{', '.join(c['label'] for c in cands)}; {len(full.classes or ()) or 'all'} classes, "
-        f"{full.eval_epochs or 'the preset'}'s epochs, {full.num_evals} net(s) each, seed {full.seed}")
+        f"{', '.join(c['label'] for c in cands)}; {len(full.classes or ()) or 'all'} classes, {epochs}, "
+        f"{full.num_evals} net(s) each, seed {full.seed}")
     task = ray.remote(num_cpus=space.cpu, num_gpus=space.gpu, max_retries=0)(_confirm_one)
     pending: dict = {}
     queue = list(cands)
@@ -95,17 +96,20 @@ def run_confirmation(space: TuneSpace, done: list[dict], study_dir: Path,
             from raydistill.orchestration.runtime import user_error_in
 
             ue = user_error_in(e)
-            c["error"] = ue.problem if ue is not None else str(e).strip().splitlines()[-1]
+            c["error"] = ue.problem if ue is not None else (str(e).strip().splitlines() or [repr(e)])[-1]
             log(f"confirm {c['label']} failed: {c['error']}")
     return cands
 
 
 def confirmed_best(space: TuneSpace, results: list[dict]) -> dict | None:
-    """The contender with the best confirmed metric (None when none finished); ties keep the earlier one."""
+    """The contender with the best confirmed metric (None when none finished). A tie goes to the defaults (a search
+    result has to beat them to be shipped), else to the better proxy rank (the earlier contender)."""
     ok = [c for c in results if "accuracy" in c]
     if not ok:
         return None
-    return (max if space.mode == "max" else min)(ok, key=lambda c: c["accuracy"])
+    best = (max if space.mode == "max" else min)(c["accuracy"] for c in ok)
+    tied = [c for c in ok if c["accuracy"] == best]
+    return next((c for c in tied if c["label"] == DEFAULTS), tied[0])
 
 
 def log_confirmation(client, experiment_id: str, parent_id: str, space: TuneSpace, results: list[dict]) -> None:

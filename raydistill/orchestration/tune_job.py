@@ -283,7 +283,8 @@ def run_study(space: TuneSpace, root: str | Path, address: str | None = None, tr
                           f"{space.metric} {chosen['accuracy']:.2f} on the full protocol ({scores}); the search "
                           f"proposed trial {best['trial_id']} ({proxy}, proposed.yaml)\n")
                 mlflow.log_metric(f"confirmed_{space.metric}", chosen["accuracy"])
-                mlflow.log_param("confirmed.label", chosen["label"])
+                mlflow.log_params({"confirmed.label": chosen["label"],
+                                   **{f"confirmed.{k}": str(v) for k, v in chosen["values"].items()}})
                 summary.update(confirmed=chosen, proposed=str(proposed))
             header += f"# use: raydistill distill --preset {preset}\n"
             values = best["values"] if chosen is None else chosen["values"]
@@ -323,6 +324,8 @@ def format_summary(summary: dict, metric: str) -> str:
             proxy = "-" if c["proxy"] is None else f"{c['proxy']:.2f}"
             full = c.get("error") or f"{c['accuracy']:.2f}  nets " + ", ".join(f"{a:.2f}" for a in c["nets"])
             lines.append(f"  {c['label']:<20} proxy {proxy:>7}  full {full}")
+    if summary.get("proposed"):
+        lines.append(f"the search's best: {summary['proposed']}")
     if summary.get("preset"):
         lines.append(f"best configuration: {summary['preset']}")
     return "\n".join(lines)
