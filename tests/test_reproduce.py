@@ -88,7 +88,8 @@ def test_band_matching():
     for method, band in (("mgd3", "81.95 +- 0.22 [80.95, 82.95] 3 nets"),
                          ("igd", "81.86 +- 0.20 [80.86, 82.86] 3 nets"),
                          ("minimax+mgd3", "81.81 +- 0.12 [80.81, 82.81] 3 nets"),
-                         ("minimax", "78.39 +- 0.25 [77.39, 79.39] 3 nets")):
+                         ("minimax", "78.39 +- 0.25 [77.39, 79.39] 3 nets"),
+                         ("minimax-igd", "81.68 +- 0.06 [80.68, 82.68] 3 nets")):
         assert expected(DistillConfig(method=method, ipc=50, cfg_scale=1.5), "convnet").text() == band
         assert expected(DistillConfig(method=method, ipc=50), "convnet") == NO_SETTINGS_BAND  # CFG 4: not measured
     assert expected(DistillConfig(method="igd", ipc=50, eval_preset="dsa"), "convnet") == NO_SETTINGS_BAND
