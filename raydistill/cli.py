@@ -41,22 +41,21 @@ def cfg_interval_arg(s: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _positive_int(s: str) -> int:
+def _int(s: str) -> int:
     try:
-        v = int(s)
+        return int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v <= 0:
+
+
+def _positive_int(s: str) -> int:
+    if (v := _int(s)) <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return v
 
 
 def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
+    if (v := _int(s)) < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {v}")
     return v
 

@@ -89,6 +89,10 @@ class TuneSpace:
         """The config of one trial: the fixed settings plus the sampled ``values`` (fields or ``extra``)."""
         return apply_values(self.base_config(), values)
 
+    def confirm_trial_config(self, values: dict[str, Any], out: str | None = None) -> DistillConfig:
+        """A trial's config on the full protocol: its ``values``, then ``confirm.config`` over the study shortcuts."""
+        return DistillConfig.from_dict({**self.trial_config(values).to_dict(), **self.confirm_config, "out": out})
+
     def eval_epochs(self) -> int:
         """Evaluation epochs of a trial (the space's ``eval_epochs``, else the preset's)."""
         from raydistill.evaluate.presets import get_preset, resolve_epochs
@@ -252,7 +256,7 @@ def load_space(path: str | Path, overrides: dict[str, Any] | None = None) -> Tun
     except UserError as e:
         raise _fail(p, f"config: {e.problem}", e.fix or "fix the config section") from None
     try:
-        DistillConfig.from_dict({**space.trial_config(first).to_dict(), **space.confirm_config})
+        space.confirm_trial_config(first)
     except UserError as e:
         raise _fail(p, f"confirm.config: {e.problem}", e.fix or "fix the confirm section") from None
     return space

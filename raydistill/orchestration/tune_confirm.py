@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from raydistill.config import DistillConfig
-from raydistill.tune_space import TuneSpace, apply_values
+from raydistill.tune_space import TuneSpace
 
 DEFAULTS = "defaults"
 
@@ -39,8 +39,7 @@ def contenders(space: TuneSpace, done: list[dict]) -> list[dict]:
 
 def confirm_config(space: TuneSpace, values: dict[str, Any], out: str | Path) -> DistillConfig:
     """A contender's full-protocol config: the space's config, its ``values``, then ``confirm.config``."""
-    cfg = apply_values(space.base_config(), values).to_dict()
-    return DistillConfig.from_dict({**cfg, **space.confirm_config, "out": str(out)})
+    return space.confirm_trial_config(values, str(out))
 
 
 def _confirm_one(space: TuneSpace, values: dict[str, Any], out: str, label: str) -> dict[str, Any]:
